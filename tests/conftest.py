@@ -1,0 +1,34 @@
+"""Shared fixtures: a fresh metrics directory and fresh package state for every test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from victor_mp_metrics import _state
+
+_OUR_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test starts unconfigured, in single-process mode, with no VICTOR_* variables."""
+    for name in list(os.environ):
+        if name.startswith("VICTOR_") or name in _OUR_ENV:
+            monkeypatch.delenv(name, raising=False)
+    _state.reset()
+    yield
+    _state.reset()
+
+
+@pytest.fixture
+def metrics_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private multiprocess directory, set in PROMETHEUS_MULTIPROC_DIR and configured."""
+    path = tmp_path / "metrics"
+    path.mkdir(mode=0o700)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(path))
+    _state.configure()
+    return path

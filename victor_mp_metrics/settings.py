@@ -1,0 +1,235 @@
+"""Settings: one declarative table, read from the environment into a frozen object.
+
+Nothing is read at import time: call :func:`load_settings` (or let
+``victor_mp_metrics.configure`` do it). The README's configuration table is generated from
+:data:`SETTINGS` by :func:`settings_table_markdown`, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"one of {', '.join(_TRUE + _FALSE)}")
+
+
+def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        accepted = f"a whole number from {low} to {high}" if high else f"a whole number >= {low}"
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(accepted) from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(accepted)
+        return value
+
+    parse.__doc__ = f"integer {low}..{high}" if high else f"integer >= {low}"
+    return parse
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("a number of seconds >= 0 (for example 30 or 0.5)") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("a number of seconds >= 0 (for example 30 or 0.5)")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _non_negative_float(raw)
+    if value == 0:
+        raise ValueError("a number of seconds > 0 (for example 30 or 0.5)")
+    return value
+
+
+def _path(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("a directory path (leave the variable unset for the default)")
+    if "\x00" in value:
+        raise ValueError("a directory path without NUL bytes")
+    return os.path.abspath(value)
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("an IP address or host name such as 127.0.0.1 or 0.0.0.0")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not all(part.isalnum() or "-" in part for part in value.split(".")):
+            raise ValueError("an IP address or host name such as 127.0.0.1 or 0.0.0.0") from None
+    return value
+
+
+def _bind(raw: str) -> str:
+    value = raw.strip()
+    if value.startswith("unix:"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("HOST:PORT such as 127.0.0.1:8000, or unix:/path/to/socket")
+    _int_range(1, 65535)(port)
+    return value
+
+
+def _worker_class(raw: str) -> str:
+    value = raw.strip()
+    if value not in ("sync", "gthread"):
+        raise ValueError("sync or gthread")
+    return value
+
+
+def _secret(raw: str) -> str:
+    if not raw or raw != raw.strip():
+        raise ValueError("a non-empty value without surrounding white space")
+    return raw
+
+
+def _basic_auth(raw: str) -> str:
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("USER:PASSWORD with both parts non-empty")
+    return raw
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    accepted: str
+    doc: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("enabled", "VICTOR_METRICS_ENABLED", _parse_bool, True,
+            "true/false/1/0/yes/no/on/off",
+            "Record metrics. When false every API is a cheap no-op and no files are written."),
+    Setting("port", "VICTOR_METRICS_PORT", _int_range(1, 65535), None, "1-65535",
+            "If set, the Gunicorn master serves the aggregated /metrics on this port."),
+    Setting("addr", "VICTOR_METRICS_ADDR", _host, "0.0.0.0", "IP address or host name",
+            "Bind address of the standalone metrics server."),
+    Setting("multiproc_dir", "PROMETHEUS_MULTIPROC_DIR", _path, None, "directory path",
+            "Shared directory of the per-process metric files. Unset: single-process mode, "
+            "except under gunicorn.conf.py, which picks a private default."),
+    Setting("auth_token", "VICTOR_METRICS_AUTH_TOKEN", _secret, None, "non-empty string",
+            "If set, /metrics requires `Authorization: Bearer <token>`.", secret=True),
+    Setting("basic_auth", "VICTOR_METRICS_BASIC_AUTH", _basic_auth, None, "USER:PASSWORD",
+            "If set, /metrics requires HTTP basic auth with these credentials.", secret=True),
+    Setting("max_series", "VICTOR_METRICS_MAX_SERIES", _int_range(1, 1_000_000), 1000,
+            "1-1000000",
+            "Cardinality guard: label sets per metric beyond this fold into one overflow series."),
+    Setting("sweep_interval", "VICTOR_METRICS_SWEEP_INTERVAL", _non_negative_float, 60.0,
+            "seconds >= 0",
+            "How often the Gunicorn master sweeps for orphaned files of dead processes "
+            "(0 disables the periodic sweep; start-up and worker exits still compact)."),
+    Setting("bind", "VICTOR_BIND", _bind, "127.0.0.1:8000", "HOST:PORT or unix:PATH",
+            "gunicorn.conf.py: address the app listens on (`-b` overrides)."),
+    Setting("workers", "VICTOR_WORKERS", _int_range(1, 1024), 4, "1-1024",
+            "gunicorn.conf.py: number of worker processes (`-w` overrides)."),
+    Setting("worker_class", "VICTOR_WORKER_CLASS", _worker_class, "sync", "sync or gthread",
+            "gunicorn.conf.py: Gunicorn worker class."),
+    Setting("threads", "VICTOR_THREADS", _int_range(1, 256), 1, "1-256",
+            "gunicorn.conf.py: threads per worker (gthread)."),
+    Setting("timeout", "VICTOR_TIMEOUT", _int_range(1, 3600), 30, "1-3600",
+            "gunicorn.conf.py: seconds before a silent worker is killed and restarted."),
+    Setting("max_requests", "VICTOR_MAX_REQUESTS", _int_range(0), 10000, "integer >= 0",
+            "gunicorn.conf.py: recycle a worker after this many requests (0 disables)."),
+    Setting("max_requests_jitter", "VICTOR_MAX_REQUESTS_JITTER", _int_range(0), 1000,
+            "integer >= 0", "gunicorn.conf.py: random jitter added to max_requests."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, parsed. Build with :func:`load_settings`; fields follow :data:`SETTINGS`."""
+
+    enabled: bool = True
+    port: int | None = None
+    addr: str = "0.0.0.0"
+    multiproc_dir: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    basic_auth: str | None = field(default=None, repr=False)
+    max_series: int = 1000
+    sweep_interval: float = 60.0
+    bind: str = "127.0.0.1:8000"
+    workers: int = 4
+    worker_class: str = "sync"
+    threads: int = 1
+    timeout: int = 30
+    max_requests: int = 10000
+    max_requests_jitter: int = 1000
+
+    @property
+    def multiprocess(self) -> bool:
+        """True when metrics are recorded to files in a shared directory."""
+        return self.enabled and self.multiproc_dir is not None
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` win.
+
+    Raises :class:`ConfigurationError` naming the variable, the value and what is accepted.
+    An empty variable counts as unset.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = env.get(setting.env)
+        if raw is None or raw == "":
+            values[setting.name] = setting.default
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as err:
+            shown = "<hidden>" if setting.secret else repr(raw)
+            raise ConfigurationError(
+                f"{setting.env}={shown} is not valid: expected {err}. "
+                f"Fix or unset {setting.env} ({setting.doc})"
+            ) from None
+    known = {f.name for f in fields(Settings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s) {sorted(unknown)}; known settings: {sorted(known)}"
+        )
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_table_markdown() -> str:
+    """The README's configuration table, generated from :data:`SETTINGS`."""
+    rows = [
+        "| Variable | Accepted values | Default | Meaning |",
+        "|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        default = "unset" if s.default is None else f"`{s.default}`"
+        if isinstance(s.default, bool):
+            default = f"`{str(s.default).lower()}`"
+        rows.append(f"| `{s.env}` | {s.accepted} | {default} | {s.doc} |")
+    return "\n".join(rows) + "\n"
