@@ -129,22 +129,34 @@ def test_hadolint_reports_no_findings() -> None:
     # HADOLINT_* variables (ignore lists, thresholds) from the caller must not mask findings.
     env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
     proc = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "style", "--format", "json",
-         str(DOCKERFILE)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            hadolint,
+            "--no-color",
+            "--failure-threshold",
+            "style",
+            "--format",
+            "json",
+            str(DOCKERFILE),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     findings = [
         f"line {f['line']}: {f['code']} {f['level']}: {f['message']}"
         for f in json.loads(proc.stdout or "[]")
     ]
-    assert [] == findings
-    assert 0 == proc.returncode, proc.stderr
+    assert findings == []
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_base_image_is_pinned_python_311_slim(instructions: list[Instruction]) -> None:
     """The single stage builds FROM the official python:3.11-slim image, never :latest."""
     froms = _all(instructions, "FROM")
-    assert ["python:3.11-slim"] == [f.args.split()[0].partition("@")[0] for f in froms]
+    assert [f.args.split()[0].partition("@")[0] for f in froms] == ["python:3.11-slim"]
 
 
 def test_project_is_pip_installed_from_build_context(instructions: list[Instruction]) -> None:
@@ -168,14 +180,18 @@ def test_runs_as_numeric_non_root_user(instructions: list[Instruction]) -> None:
     """The final USER is a numeric non-zero UID, the one useradd creates."""
     uid = _user_uid(instructions)
     assert uid.isdigit(), f"USER should be numeric so runAsNonRoot can verify it, got {uid}"
-    assert 0 != int(uid)
-    created = re.findall(r"useradd\b.*--uid (\d+)", " ".join(r.args for r in instructions))
+    assert int(uid) != 0
+    created = [
+        m.group(1)
+        for r in _all(instructions, "RUN")
+        if (m := re.search(r"useradd\b.*--uid (\d+)", r.args))
+    ]
     assert [uid] == created
 
 
 def test_cmd_runs_gunicorn_with_project_config(instructions: list[Instruction]) -> None:
     """CMD is exactly gunicorn -c gunicorn.conf.py app:app, in exec form."""
-    assert GUNICORN_CMD == _last(instructions, "CMD").exec_form()
+    assert _last(instructions, "CMD").exec_form() == GUNICORN_CMD
     assert not _all(instructions, "ENTRYPOINT")
 
 
@@ -196,11 +212,12 @@ def test_workdir_holds_gunicorn_conf(instructions: list[Instruction]) -> None:
 
 def test_multiproc_dir_is_private_volume_for_the_user(instructions: list[Instruction]) -> None:
     """PROMETHEUS_MULTIPROC_DIR is a 0700 directory of the app user, then declared a VOLUME."""
-    assert METRICS_DIR == _env(instructions)["PROMETHEUS_MULTIPROC_DIR"]
+    assert _env(instructions)["PROMETHEUS_MULTIPROC_DIR"] == METRICS_DIR
     volume = _last(instructions, "VOLUME")
-    assert [METRICS_DIR] == volume.exec_form()
+    assert volume.exec_form() == [METRICS_DIR]
     creating = [
-        r for r in _all(instructions, "RUN")
+        r
+        for r in _all(instructions, "RUN")
         if METRICS_DIR in r.args and re.search(r"\b0?700\b", r.args) and "victor" in r.args
     ]
     assert creating, f"no RUN creates {METRICS_DIR} with mode 0700 owned by the app user"
@@ -218,29 +235,27 @@ def test_tmpfs_mount_is_documented_for_the_image_uid(instructions: list[Instruct
 
 def test_env_is_a_valid_configuration(instructions: list[Instruction]) -> None:
     """The image's VICTOR_* and PROMETHEUS_* variables are known settings and all parse."""
-    env = {
-        k: v for k, v in _env(instructions).items() if k.startswith(("VICTOR_", "PROMETHEUS_"))
-    }
+    env = {k: v for k, v in _env(instructions).items() if k.startswith(("VICTOR_", "PROMETHEUS_"))}
     assert set(env) <= {s.env for s in SETTINGS}
     settings = load_settings(env)
-    assert ("0.0.0.0:8000", 9090, METRICS_DIR) == (
+    assert (
         settings.bind,
         settings.port,
         settings.multiproc_dir,
-    )
+    ) == ("0.0.0.0:8000", 9090, METRICS_DIR)
 
 
 def test_exposes_app_and_metrics_ports(instructions: list[Instruction]) -> None:
     """EXPOSE lists the app port 8000 and the master's metrics port 9090."""
     ports = [p for e in _all(instructions, "EXPOSE") for p in e.args.split()]
-    assert ["8000", "9090"] == sorted(ports)
+    assert sorted(ports) == ["8000", "9090"]
 
 
 def test_healthcheck_gets_healthz_with_python(instructions: list[Instruction]) -> None:
     """HEALTHCHECK runs python -c (slim has no curl) against http://127.0.0.1:8000/healthz."""
     argv = _healthcheck_argv(instructions)
-    assert ["python", "-c"] == argv[:2]
-    assert 3 == len(argv)
+    assert argv[:2] == ["python", "-c"]
+    assert len(argv) == 3
     assert "http://127.0.0.1:8000/healthz" in argv[2]
 
 
@@ -257,7 +272,7 @@ def test_dockerignore_admits_every_copy_source(instructions: list[Instruction]) 
         for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    assert "*" == patterns[0]
+    assert patterns[0] == "*"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
     for copy in _all(instructions, "COPY"):
         for src in _copy_sources_and_dest(copy)[0]:

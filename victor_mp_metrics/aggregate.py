@@ -220,7 +220,7 @@ class DirectoryCollector:
             del self._layouts[stale]
         if self._manifest() != manifest:
             raise _Retry
-        self.stats.last_files = files + (len(manifest.absorbed) and 0)
+        self.stats.last_files = files
         self.stats.last_bytes = nbytes
         return families
 
@@ -311,7 +311,9 @@ class DirectoryCollector:
         return key
 
     @staticmethod
-    def _family(families: dict[str, _Accumulator], key: _Key, info: _files.DataFile) -> _Accumulator:
+    def _family(
+        families: dict[str, _Accumulator], key: _Key, info: _files.DataFile
+    ) -> _Accumulator:
         acc = families.get(key.metric)
         if acc is None:
             acc = families[key.metric] = _Accumulator(info.typ, key.help, info.mode)

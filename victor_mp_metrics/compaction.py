@@ -152,7 +152,11 @@ def recover(directory: str) -> bool:
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
         info = _files.parse_name(name)
-        if (info is not None and info.is_archive and info.generation != manifest.generation) or (name.endswith(_files.TMP_SUFFIX) and _is_compactor_temp(name)) or (name.endswith(_files.TMP_SUFFIX) and _files.stale_temp(path)):
+        superseded = info is not None and info.is_archive and info.generation != manifest.generation
+        leftover = name.endswith(_files.TMP_SUFFIX) and (
+            _is_compactor_temp(name) or _files.stale_temp(path)
+        )
+        if superseded or leftover:
             _files._unlink_quietly(path)
             repaired = True
     if manifest.absorbed:
