@@ -9,6 +9,7 @@ it all (tests use it through an autouse fixture).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ def configure(settings: Settings | None = None, **overrides: Any) -> Settings:
         if new.multiprocess:
             from ._values import install_value_class
 
+            _prepare_directory(new.multiproc_dir)  # type: ignore[arg-type]
             install_value_class(new.multiproc_dir)  # type: ignore[arg-type]
         else:
             _pc_values.ValueClass = _original_value_class
@@ -49,6 +51,23 @@ def configure(settings: Settings | None = None, **overrides: Any) -> Settings:
                 uninstall_value_class()
         _settings = new
         return new
+
+
+def _prepare_directory(path: str) -> None:
+    """Create or validate the directory: refuse an unsafe one, tolerate an unusable one.
+
+    An unusable directory (cannot be created or written) must not stop the service: the
+    value class keeps values in memory, logs, and retries (see ``_values``).
+    """
+    from .directory import ensure_directory
+    from .exceptions import DirectoryError, UnsafeDirectoryError
+
+    try:
+        ensure_directory(path)
+    except UnsafeDirectoryError:
+        raise
+    except DirectoryError as err:
+        logging.getLogger("victor_mp_metrics").error("victor_mp_metrics: %s", err)
 
 
 def get_settings() -> Settings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .exceptions import DirectoryError
+from .exceptions import DirectoryError, UnsafeDirectoryError
 
 
 def ensure_directory(path: str) -> str:
@@ -33,12 +33,12 @@ def ensure_directory(path: str) -> str:
         raise DirectoryError(f"PROMETHEUS_MULTIPROC_DIR={path!r} is not a directory.")
     euid = os.geteuid()
     if info.st_uid not in (euid, 0) or (info.st_uid == 0 and euid != 0 and _others_write(info)):
-        raise DirectoryError(
+        raise UnsafeDirectoryError(
             f"PROMETHEUS_MULTIPROC_DIR={path!r} belongs to uid {info.st_uid}, not to this "
             f"process (uid {euid}). Use a directory of your own, created with mode 0700."
         )
     if _others_write(info) and not info.st_mode & stat.S_ISVTX:
-        raise DirectoryError(
+        raise UnsafeDirectoryError(
             f"PROMETHEUS_MULTIPROC_DIR={path!r} is writable by other users "
             f"(mode {stat.S_IMODE(info.st_mode):04o}), so they could plant or delete metric "
             f"files. Run `chmod 700 {path}` or use a private directory."

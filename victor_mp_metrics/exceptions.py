@@ -21,3 +21,7 @@ class LabelError(VictorMetricsError, ValueError):
 
 class DirectoryError(VictorMetricsError, OSError):
     """The multiprocess directory is missing, unusable or unsafe."""
+
+
+class UnsafeDirectoryError(DirectoryError):
+    """The multiprocess directory could be written by other users; it is refused."""
