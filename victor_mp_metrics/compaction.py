@@ -55,6 +55,7 @@ log = logging.getLogger("victor_mp_metrics")
 
 FAULT_POINTS = (
     "before_archive",
+    "archive_partial",
     "archive_written",
     "committed",
     "writers_removed",
@@ -234,6 +235,8 @@ def _absorb(
             path, [(key, value, ts) for key, (value, ts) in sorted(values.items())]
         )
         result.files_written += 1
+        if result.files_written == 1:
+            hit("archive_partial")
     _files.fsync_dir(directory)
     hit("archive_written")
 
