@@ -51,13 +51,19 @@ def gather(settings: Settings | None = None) -> list[Metric]:
         families = list(collector.collect())
         files, nbytes = collector.stats.last_files, collector.stats.last_bytes
     else:
-        families = list(_state.local_registry().collect())
+        families = [_without_created(f) for f in _state.local_registry().collect()]
     from . import derived, system
 
     families = derived.with_derived(families)
     families.extend(system.collect_system_metrics())
     families.extend(selfmetrics.scrape_families(time.perf_counter() - started, files, nbytes))
     return families
+
+
+def _without_created(family: Metric) -> Metric:
+    # Multiprocess mode has no `_created` samples; single-process output matches it.
+    family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+    return family
 
 
 class _Families:

@@ -1,0 +1,187 @@
+"""The Flask extension: request metrics, in-flight connections and the ``/metrics`` route.
+
+Usage::
+
+    metrics = VictorMetrics(app)        # or VictorMetrics(); metrics.init_app(app)
+
+It wraps ``app.wsgi_app`` so a request counts as in flight (``victor_active_connections``)
+and is timed until the server has sent the last byte and closed the response, which is
+right for streamed responses too, and always ends, exceptions included. Labels carry the
+matched route template, never the raw path: unmatched requests share ``endpoint="<unmatched>"``
+and unknown methods share ``method="OTHER"``, so request data never becomes a label.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from flask import Flask, Response, request
+
+from . import instrument
+from .catalog import get_catalog
+from .exposition import render
+
+log = logging.getLogger("victor_mp_metrics")
+
+EXTENSION_KEY = "victor_mp_metrics"
+UNMATCHED = "<unmatched>"
+OTHER_METHOD = "OTHER"
+STANDARD_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+)
+STATUS_ERROR_TYPES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 408: "timeout", 409: "conflict", 413: "payload_too_large",
+    415: "unsupported_media_type", 422: "unprocessable", 429: "rate_limit",
+    500: "server_error", 501: "not_implemented", 502: "bad_gateway", 503: "unavailable",
+    504: "timeout",
+}
+_ENDPOINT_KEY = "victor_mp_metrics.endpoint"
+_ERROR_KEY = "victor_mp_metrics.error_type"
+
+
+def error_type_for_status(status: int) -> str | None:
+    """The stable ``error_type`` label of an HTTP status, None for a success."""
+    if status < 400:
+        return None
+    return STATUS_ERROR_TYPES.get(status, "client_error" if status < 500 else "server_error")
+
+
+def set_error_type(error_type: str) -> None:
+    """Inside a request: name the ``error_type`` recorded if the response is an error."""
+    request.environ[_ERROR_KEY] = error_type
+
+
+class VictorMetrics:
+    """Flask extension recording the guide's request metrics and serving ``/metrics``."""
+
+    def __init__(self, app: Flask | None = None) -> None:
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Instrument ``app``. Config keys read (defaults set with ``setdefault``):
+
+        - ``VICTOR_METRICS_PATH`` (``"/metrics"``): where the scrape route is served.
+        - ``VICTOR_METRICS_SERVE`` (``True``): register the scrape route at all.
+        - ``VICTOR_METRICS_EXCLUDE_PATHS`` (the scrape path): paths not recorded.
+        """
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "VictorMetrics is already registered on this app. Use the instance you "
+                "already have (app.extensions['victor_mp_metrics'])."
+            )
+        path = app.config.setdefault("VICTOR_METRICS_PATH", "/metrics")
+        serve = app.config.setdefault("VICTOR_METRICS_SERVE", True)
+        excluded = frozenset(app.config.setdefault("VICTOR_METRICS_EXCLUDE_PATHS", (path,)))
+        app.extensions[EXTENSION_KEY] = self
+        app.before_request(_remember_endpoint)
+        app.teardown_request(_remember_exception)
+        app.wsgi_app = _Middleware(app.wsgi_app, excluded)  # type: ignore[method-assign]
+        if serve:
+            app.add_url_rule(path, "victor_metrics", _metrics_view, methods=["GET"])
+
+
+def _remember_endpoint() -> None:
+    rule = request.url_rule
+    if rule is not None:
+        request.environ[_ENDPOINT_KEY] = rule.rule
+
+
+def _remember_exception(exc: BaseException | None) -> None:
+    if exc is not None:
+        request.environ.setdefault(_ERROR_KEY, type(exc).__name__)
+
+
+def _metrics_view() -> Response:
+    status, headers, body = render(request.headers, request.args.to_dict(flat=False))
+    return Response(body, status=status, headers=headers)
+
+
+class _Middleware:
+    """WSGI wrapper: in-flight gauge and request metrics, finished when the response closes."""
+
+    def __init__(self, wsgi_app: Callable[..., Iterable[bytes]], excluded: frozenset[str]):
+        self.wsgi_app = wsgi_app
+        self.excluded = excluded
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO", "") in self.excluded:
+            return self.wsgi_app(environ, start_response)
+        tracker = _Tracked(environ)
+        tracker.begin()
+
+        def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            tracker.status = int(status[:3])
+            return start_response(status, headers, *exc_info)
+
+        try:
+            body = self.wsgi_app(environ, capture)
+        except BaseException:
+            tracker.status = 500
+            environ.setdefault(_ERROR_KEY, "exception")
+            tracker.end()
+            raise
+        return _ClosingBody(body, tracker)
+
+
+class _Tracked:
+    __slots__ = ("done", "environ", "started", "status")
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self.environ = environ
+        self.status = 500
+        self.done = False
+        self.started = 0.0
+
+    def begin(self) -> None:
+        self.started = time.perf_counter()
+        try:
+            get_catalog().active_connections.inc()
+        except Exception:
+            log.exception("victor_mp_metrics: could not count the request in flight")
+
+    def end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        elapsed_ms = (time.perf_counter() - self.started) * 1000.0
+        environ = self.environ
+        method = environ.get("REQUEST_METHOD", "")
+        if method not in STANDARD_METHODS:
+            method = OTHER_METHOD
+        error_type = environ.get(_ERROR_KEY) if self.status >= 400 else None
+        if error_type is None:
+            error_type = error_type_for_status(self.status)
+        try:
+            get_catalog().active_connections.dec()
+            instrument.record_request(
+                environ.get(_ENDPOINT_KEY, UNMATCHED), method, self.status, elapsed_ms,
+                error_type,
+            )
+        except Exception:
+            log.exception("victor_mp_metrics: could not record request metrics")
+
+
+class _ClosingBody:
+    """The response iterable; records the request when the server closes it."""
+
+    __slots__ = ("_body", "_tracker")
+
+    def __init__(self, body: Iterable[bytes], tracker: _Tracked) -> None:
+        self._body = body
+        self._tracker = tracker
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._tracker.end()
