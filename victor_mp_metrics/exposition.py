@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from . import _state, selfmetrics
 from .aggregate import DirectoryCollector
 from .settings import Settings
 
+log = logging.getLogger("victor_mp_metrics")
 _collectors: dict[str, DirectoryCollector] = {}
 _collectors_lock = threading.Lock()
 
@@ -55,7 +57,10 @@ def gather(settings: Settings | None = None) -> list[Metric]:
     from . import derived, system
 
     families = derived.with_derived(families)
-    families.extend(system.collect_system_metrics())
+    try:
+        families.extend(system.collect_system_metrics())
+    except Exception:  # processes come and go; the rest of the scrape must not suffer
+        log.exception("victor_mp_metrics: system metrics skipped in this scrape")
     families.extend(selfmetrics.scrape_families(time.perf_counter() - started, files, nbytes))
     return families
 
