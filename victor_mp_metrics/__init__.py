@@ -4,14 +4,31 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._metrics import GaugeMode, NoopMetric
 from ._state import configure, get_settings, is_configured, reset
+from .catalog import CATALOG, Catalog, MetricSpec, catalog_table_markdown, get_catalog
+from .collector import MetricsCollector
 from .exceptions import (
     ConfigurationError,
     DirectoryError,
     LabelError,
     MetricDefinitionError,
+    UnsafeDirectoryError,
     VictorMetricsError,
 )
+from .exposition import gather, render
+from .instrument import (
+    record_cache_hit,
+    record_cache_miss,
+    record_request,
+    set_cache_size,
+    track_coordinator,
+    track_llm_call,
+    track_request_in_flight,
+    track_tool,
+)
+from .registry import BoundMetric, PrometheusRegistry, get_prometheus_registry
+from .server import MetricsServer, start_metrics_server
 from .settings import Settings, load_settings
 
 try:
@@ -20,16 +37,40 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "BoundMetric",
+    "CATALOG",
+    "Catalog",
     "ConfigurationError",
     "DirectoryError",
+    "GaugeMode",
     "LabelError",
     "MetricDefinitionError",
+    "MetricSpec",
+    "MetricsCollector",
+    "MetricsServer",
+    "NoopMetric",
+    "PrometheusRegistry",
     "Settings",
+    "UnsafeDirectoryError",
     "VictorMetricsError",
     "__version__",
+    "catalog_table_markdown",
     "configure",
+    "gather",
+    "get_catalog",
+    "get_prometheus_registry",
     "get_settings",
     "is_configured",
     "load_settings",
+    "record_cache_hit",
+    "record_cache_miss",
+    "record_request",
+    "render",
     "reset",
+    "set_cache_size",
+    "start_metrics_server",
+    "track_coordinator",
+    "track_llm_call",
+    "track_request_in_flight",
+    "track_tool",
 ]

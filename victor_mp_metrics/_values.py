@@ -27,6 +27,8 @@ from prometheus_client import values as _pc_values
 from prometheus_client.mmap_dict import mmap_key
 
 from . import _files
+from .directory import ensure_directory
+from .exceptions import DirectoryError
 
 log = logging.getLogger("victor_mp_metrics")
 
@@ -106,6 +108,7 @@ class ProcessStore:
         info = os.stat(self.directory)
         self.dir_id = (info.st_dev, info.st_ino)
         self.ident = ident
+        self._start_watchdog()
 
     def _file_for(self, prefix: str) -> _WriterFile:
         f = self.files.get(prefix)
@@ -166,9 +169,9 @@ class ProcessStore:
             self._drop_files()
             self.failing = False
             try:
-                os.stat(self.directory)
-            except OSError as err:
-                self._failed(err)
+                ensure_directory(self.directory)
+            except (OSError, DirectoryError) as err:
+                self._failed(err if isinstance(err, OSError) else OSError(str(err)))
                 return
             for value in self.values:
                 self.attach(value)

@@ -165,7 +165,7 @@ class DirectoryCollector:
         self._lock = threading.Lock()
         self._keys: dict[bytes, _Key] = {}
         self._layouts: dict[str, _Layout] = {}
-        self._archive: tuple[int, dict[str, _Accumulator]] | None = None
+        self._archive: tuple[tuple[str, int], dict[str, _Accumulator]] | None = None
         self._warned: set[tuple[str, int]] = set()
 
     def collect(self) -> Iterable[Metric]:
@@ -233,7 +233,8 @@ class DirectoryCollector:
 
     def _archive_families(self, manifest: Manifest, names: list[str]) -> dict[str, _Accumulator]:
         cached = self._archive
-        if cached is None or cached[0] != manifest.generation:
+        version = (manifest.epoch, manifest.generation)
+        if cached is None or cached[0] != version:
             families: dict[str, _Accumulator] = {}
             for name in names:
                 info = _files.parse_name(name)
@@ -251,7 +252,7 @@ class DirectoryCollector:
                 for raw, value, timestamp, _pos in entries:
                     key = self._key(raw)
                     self._family(families, key, info).add(key, value, timestamp, info.ident)
-            cached = self._archive = (manifest.generation, families)
+            cached = self._archive = (version, families)
         return {name: acc.copy() for name, acc in cached[1].items()}
 
     def _read_writer_file(self, info: _files.DataFile, families: dict[str, _Accumulator]) -> int:

@@ -162,7 +162,7 @@ def recover(directory: str) -> bool:
             repaired = True
     if manifest.absorbed:
         _remove_writers(directory, os.listdir(directory), manifest.absorbed)
-        write_manifest(directory, Manifest(manifest.generation))
+        write_manifest(directory, Manifest(manifest.generation, epoch=manifest.epoch))
         repaired = True
     return repaired
 
@@ -240,7 +240,7 @@ def _absorb(
     _files.fsync_dir(directory)
     hit("archive_written")
 
-    write_manifest(directory, Manifest(generation, frozenset(dead)))
+    write_manifest(directory, Manifest(generation, frozenset(dead), manifest.epoch))
     result.generation = generation
     result.absorbed = sorted(dead)
     hit("committed")
@@ -252,7 +252,7 @@ def _absorb(
         result.files_removed += 1
     hit("old_archive_removed")
 
-    write_manifest(directory, Manifest(generation))
+    write_manifest(directory, Manifest(generation, epoch=manifest.epoch))
     hit("done")
 
 
@@ -322,7 +322,8 @@ def wipe_dead(directory: str, *, exclude: frozenset[str] = frozenset()) -> int:
             ):
                 _files._unlink_quietly(os.path.join(directory, name))
                 removed += 1
-        write_manifest(directory, Manifest(read_manifest(directory).generation + 1))
+        previous = read_manifest(directory)
+        write_manifest(directory, Manifest(previous.generation + 1, epoch=previous.epoch))
         return removed
 
 

@@ -1,0 +1,512 @@
+"""The metric classes behind every metric we create: guarded, validated, or no-op.
+
+:class:`Counter`, :class:`Gauge`, :class:`Histogram` and :class:`Summary` subclass
+prometheus_client's classes, so storage (per-process files in multiprocess mode) and
+exposition are stock. What they add happens in ``labels()`` only:
+
+* a plain dict of children keyed by the label-values tuple, looked up before anything
+  else, so ``labels("a", "b")`` of an existing child is one dict lookup;
+* clear errors for bad label values (:class:`LabelError`) and bad definitions
+  (:class:`MetricDefinitionError`);
+* a cardinality guard: past ``max_series`` label sets a metric folds new label sets into
+  one child whose label values are all ``"__overflow__"``, and counts each folded call in
+  ``victor_metrics_series_overflow_total{metric}``.
+
+``inc()``, ``set()`` and ``observe()`` are prometheus_client's own. :class:`NoopMetric`
+stands in for every metric when metrics are disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+
+import prometheus_client
+from prometheus_client import CollectorRegistry
+
+from . import _state
+from .exceptions import LabelError, MetricDefinitionError
+
+log = logging.getLogger("victor_mp_metrics")
+
+OVERFLOW = "__overflow__"
+MAX_LABEL_VALUE_LENGTH = 1024
+OVERFLOW_METRIC = "victor_metrics_series_overflow_total"
+
+GaugeMode = Literal[
+    "all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
+    "mostrecent", "livemostrecent",
+]  # fmt: skip
+MetricKind = Literal["counter", "gauge", "histogram", "summary"]
+
+_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_RESERVED: dict[str, dict[str, str]] = {
+    "histogram": {"le": "Prometheus adds it to every bucket"},
+    "summary": {"quantile": "Prometheus adds it to every quantile"},
+    "gauge": {"pid": "multiprocess aggregation adds it to per-process gauge series"},
+    "counter": {},
+}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _suggest(name: str, pattern: str) -> str:
+    fixed = re.sub(pattern, "_", name) or "_"
+    return "_" + fixed if fixed[0].isdigit() else fixed
+
+
+def validate_definition(kind: str, name: object, labelnames: Iterable[object]) -> tuple[str, ...]:
+    """Check a metric's name and label names; return the label names as a tuple.
+
+    Raises :class:`MetricDefinitionError` saying what to rename.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        hint = (
+            f" (for example {_suggest(name, r'[^a-zA-Z0-9_:]')!r})" if isinstance(name, str) else ""
+        )
+        raise MetricDefinitionError(
+            f"metric name {name!r} is invalid: use only letters, digits, '_' and ':', "
+            f"not starting with a digit{hint}"
+        )
+    names = tuple(labelnames)
+    reserved = _RESERVED.get(kind, {})
+    seen: set[str] = set()
+    for label in names:
+        if not isinstance(label, str) or not _LABEL_RE.match(label):
+            hint = (
+                f" (for example {_suggest(label, r'[^a-zA-Z0-9_]')!r})"
+                if isinstance(label, str)
+                else ""
+            )
+            raise MetricDefinitionError(
+                f"{kind} {name!r}: label name {label!r} is invalid: use only letters, digits "
+                f"and '_', not starting with a digit{hint}"
+            )
+        if label.startswith("__"):
+            raise MetricDefinitionError(
+                f"{kind} {name!r}: label name {label!r} is reserved (names starting with '__' "
+                f"belong to Prometheus); rename it, for example to {label.lstrip('_')!r}"
+            )
+        if label in reserved:
+            raise MetricDefinitionError(
+                f"{kind} {name!r}: label name {label!r} is reserved on a {kind} "
+                f"({reserved[label]}); rename it, for example to '{label}_label'"
+            )
+        if label in seen:
+            raise MetricDefinitionError(
+                f"{kind} {name!r}: label name {label!r} is given twice in {names!r}"
+            )
+        seen.add(label)
+    return names  # type: ignore[return-value]
+
+
+def label_value(metric: str, label: str, value: object) -> str:
+    """``value`` as a label value of ``metric``: str, or int/bool converted with str()."""
+    if isinstance(value, str):
+        text = str.__str__(value)
+    elif isinstance(value, int):
+        text = str(value)
+    else:
+        raise LabelError(
+            f"{metric}: label {label!r} must be a str (int and bool are converted), got "
+            f"{value!r} of type {type(value).__name__}; pass a string such as 'unknown'"
+        )
+    if len(text) > MAX_LABEL_VALUE_LENGTH:
+        raise LabelError(
+            f"{metric}: label {label!r} value is {len(text)} characters long, more than the "
+            f"limit of {MAX_LABEL_VALUE_LENGTH} ({text[:40]!r}...); use a bounded value such as "
+            "a route template or a category, not raw input"
+        )
+    return text
+
+
+class _Guarded:
+    """The ``labels()`` of our metric classes; mixed in before the prometheus_client class."""
+
+    _labelnames: tuple[str, ...]
+    _labelvalues: tuple[str, ...]
+    _lock: threading.Lock
+    _metrics: Any
+    _kwargs: dict[str, Any]
+    _name: str
+    _original_name: str
+    _documentation: str
+    _type: Any
+
+    _kind: str
+    # Children share this empty mapping, so their labels() takes the slow path and says why.
+    _children: Any = MappingProxyType({})
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        *,
+        registry: CollectorRegistry | None = None,
+        max_series: int | None = None,
+        guard: bool = True,
+        _labelvalues: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Validate the definition (parents only), then let prometheus_client build it.
+
+        ``max_series`` defaults to the settings' value; ``guard=False`` disables the guard.
+        Children are built by ``labels()`` with ``_labelvalues`` and skip all of this.
+        """
+        if _labelvalues is None:
+            labelnames = validate_definition(self._kind, name, labelnames)
+            if not isinstance(documentation, str):
+                raise MetricDefinitionError(
+                    f"{self._kind} {name!r}: help must be a str, got {documentation!r}"
+                )
+        super().__init__(  # type: ignore[call-arg]
+            name,
+            documentation,
+            labelnames,
+            registry=registry,
+            _labelvalues=_labelvalues,
+            **kwargs,
+        )
+        if _labelvalues is None:
+            self._children = {}
+            if guard and max_series is None:
+                max_series = _state.get_settings().max_series
+            self._max_series = max_series if guard else None
+            self._overflow_child: Any = None
+            self._warned = False
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Any:
+        """The child for these label values (positional, or by name), created on first use."""
+        try:
+            child = self._children.get(labelvalues)
+        except TypeError:  # an unhashable value: _slow_labels says which label
+            child = None
+        if child is not None and not labelkwargs:
+            return child
+        return self._slow_labels(labelvalues, labelkwargs)
+
+    def _describe(self) -> str:
+        return f"{self._type} {self._full_name()!r} expects labels ({', '.join(self._labelnames)})"
+
+    def _full_name(self) -> str:
+        return self._name + "_total" if self._type == "counter" else self._name
+
+    def _slow_labels(self, labelvalues: tuple[Any, ...], labelkwargs: dict[str, Any]) -> Any:
+        names = self._labelnames
+        if not names or self._labelvalues:
+            what = "has no label names" if not names else "is already a labelled child"
+            raise LabelError(
+                f"{self._type} {self._full_name()!r} {what}; call .inc()/.set()/.observe() on "
+                f"it directly instead of .labels({_shown(labelvalues, labelkwargs)})"
+            )
+        if labelkwargs:
+            if labelvalues:
+                raise LabelError(
+                    f"{self._describe()}: pass label values either by position or by name, "
+                    f"not both; got .labels({_shown(labelvalues, labelkwargs)})"
+                )
+            unknown = sorted(set(labelkwargs) - set(names))
+            missing = [n for n in names if n not in labelkwargs]
+            if unknown or missing:
+                parts = []
+                if unknown:
+                    parts.append(f"unknown label name(s) {unknown}")
+                if missing:
+                    parts.append(f"missing {missing}")
+                raise LabelError(
+                    f"{self._describe()}; got {', '.join(parts)} in "
+                    f".labels({_shown((), labelkwargs)})"
+                )
+            labelvalues = tuple(labelkwargs[n] for n in names)
+        elif len(labelvalues) != len(names):
+            raise LabelError(
+                f"{self._describe()}; got {len(labelvalues)} value(s): "
+                f".labels({_shown(labelvalues, {})})"
+            )
+        metric = self._full_name()
+        key = tuple(label_value(metric, n, v) for n, v in zip(names, labelvalues, strict=True))
+        child = self._children.get(key)
+        if child is not None:
+            return child
+        with self._lock:
+            child = self._children.get(key)
+            if child is not None:
+                return child
+            series = len(self._children) - (self._overflow_child is not None)
+            if self._max_series is not None and series >= self._max_series:
+                overflow = True
+            else:
+                overflow = False
+                child = self._make_child(key)
+        if overflow:
+            return self._overflowed(metric)
+        return child
+
+    def _make_child(self, key: tuple[str, ...]) -> Any:
+        # Caller holds self._lock. prometheus_client collects children from self._metrics.
+        child = self.__class__(  # type: ignore[call-arg]
+            self._original_name,
+            self._documentation,
+            self._labelnames,
+            _labelvalues=key,
+            **self._kwargs,
+        )
+        self._metrics[key] = child
+        self._children[key] = child
+        return child
+
+    def _overflowed(self, metric: str) -> Any:
+        overflow_total().labels(metric).inc()
+        with self._lock:
+            child = self._overflow_child
+            if child is None:
+                key = (OVERFLOW,) * len(self._labelnames)
+                child = self._children.get(key)
+                if child is None:
+                    child = self._make_child(key)
+                self._overflow_child = child
+            warn = not self._warned
+            self._warned = True
+        if warn:
+            log.warning(
+                "victor_mp_metrics: %s reached %d label sets in this process; further new "
+                "label sets are recorded under %s=%r. Remove unbounded label values (ids, raw "
+                "paths) or raise VICTOR_METRICS_MAX_SERIES.",
+                metric,
+                self._max_series,
+                "/".join(self._labelnames),
+                OVERFLOW,
+            )
+        return child
+
+    def remove(self, *labelvalues: Any) -> None:
+        """Remove one child (prometheus_client semantics) and forget it."""
+        super().remove(*labelvalues)  # type: ignore[misc]
+        self._resync()
+
+    def clear(self) -> None:
+        """Remove every child (prometheus_client semantics) and forget them."""
+        super().clear()  # type: ignore[misc]
+        self._resync()
+
+    def _resync(self) -> None:
+        with self._lock:
+            self._children = dict(self._metrics)
+            overflow = self._overflow_child
+            if overflow is not None and overflow not in self._children.values():
+                self._overflow_child = None
+
+
+def _shown(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    text = ", ".join(shown)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+class Counter(_Guarded, prometheus_client.Counter):
+    """A prometheus_client Counter with guarded, cached ``labels()``.
+
+    A name ending in ``_total`` is exposed as given (prometheus_client names the family
+    without the suffix and its sample with it).
+    """
+
+    _kind = "counter"
+
+
+class Gauge(_Guarded, prometheus_client.Gauge):
+    """A prometheus_client Gauge with guarded, cached ``labels()``; the mode is required."""
+
+    _kind = "gauge"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        *,
+        multiprocess_mode: GaugeMode,
+        **kwargs: Any,
+    ) -> None:
+        if multiprocess_mode not in prometheus_client.Gauge._MULTIPROC_MODES:
+            raise MetricDefinitionError(
+                f"gauge {name!r}: multiprocess_mode {multiprocess_mode!r} is not one of "
+                f"{sorted(prometheus_client.Gauge._MULTIPROC_MODES)}"
+            )
+        super().__init__(
+            name, documentation, labelnames, multiprocess_mode=multiprocess_mode, **kwargs
+        )
+
+
+class Histogram(_Guarded, prometheus_client.Histogram):
+    """A prometheus_client Histogram with guarded, cached ``labels()``."""
+
+    _kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        *,
+        buckets: Sequence[float] = prometheus_client.Histogram.DEFAULT_BUCKETS,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("_labelvalues") is None:
+            buckets = check_buckets(name, buckets)
+        super().__init__(name, documentation, labelnames, buckets=buckets, **kwargs)
+
+
+class Summary(_Guarded, prometheus_client.Summary):
+    """A prometheus_client Summary (count and sum) with guarded, cached ``labels()``."""
+
+    _kind = "summary"
+
+
+def check_buckets(name: str, buckets: Iterable[float]) -> tuple[float, ...]:
+    """Histogram bucket bounds as floats, or :class:`MetricDefinitionError` saying why not."""
+    try:
+        bounds = tuple(float(b) for b in buckets)
+    except (TypeError, ValueError):
+        raise MetricDefinitionError(
+            f"histogram {name!r}: buckets must be numbers, got {buckets!r}"
+        ) from None
+    if not bounds or any(b != b for b in bounds):
+        raise MetricDefinitionError(
+            f"histogram {name!r}: buckets must be a non-empty list of numbers, got {bounds!r}"
+        )
+    if list(bounds) != sorted(set(bounds)):
+        raise MetricDefinitionError(
+            f"histogram {name!r}: buckets must be strictly increasing, got {bounds!r}; "
+            f"use {tuple(sorted(set(bounds)))!r}"
+        )
+    return bounds
+
+
+class _NoopContext:
+    """Context manager and decorator that does nothing."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> Literal[False]:
+        return False
+
+    def __call__(self, func: _F) -> _F:
+        return func
+
+
+_NOOP_CONTEXT = _NoopContext()
+
+
+class NoopMetric:
+    """Stands in for any metric while metrics are disabled: every call does nothing."""
+
+    __slots__ = ()
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> NoopMetric:
+        return self
+
+    def inc(self, amount: float = 1, exemplar: Any = None) -> None: ...
+    def dec(self, amount: float = 1) -> None: ...
+    def set(self, value: float) -> None: ...
+    def observe(self, amount: float, exemplar: Any = None) -> None: ...
+    def set_to_current_time(self) -> None: ...
+    def set_function(self, f: Callable[[], float]) -> None: ...
+    def reset(self) -> None: ...
+    def remove(self, *labelvalues: Any) -> None: ...
+    def clear(self) -> None: ...
+
+    def time(self) -> _NoopContext:
+        return _NOOP_CONTEXT
+
+    def track_inprogress(self) -> _NoopContext:
+        return _NOOP_CONTEXT
+
+    def count_exceptions(self, exception: Any = Exception) -> _NoopContext:
+        return _NOOP_CONTEXT
+
+
+NOOP = NoopMetric()
+
+AnyMetric = Counter | Gauge | Histogram | Summary | NoopMetric
+
+
+def new_metric(
+    kind: MetricKind,
+    name: str,
+    documentation: str,
+    labelnames: Iterable[str] = (),
+    **kwargs: Any,
+) -> Any:
+    """Create a registered metric of ``kind`` per the active settings (no-op when disabled).
+
+    The definition is validated even when disabled, so mistakes show up in development.
+    Registered in ``_state.local_registry()``; a duplicate name there raises
+    :class:`MetricDefinitionError`.
+    """
+    settings = _state.get_settings()
+    labelnames = validate_definition(kind, name, labelnames)
+    if kind == "histogram" and "buckets" in kwargs:
+        kwargs["buckets"] = check_buckets(name, kwargs["buckets"])
+    if not settings.enabled:
+        return NOOP
+    cls = _CLASSES[kind]
+    try:
+        return cls(
+            name,
+            documentation,
+            labelnames,
+            registry=_state.local_registry(),
+            max_series=settings.max_series,
+            **kwargs,
+        )
+    except MetricDefinitionError:
+        raise
+    except ValueError as err:
+        raise MetricDefinitionError(
+            f"{kind} {name!r} cannot be registered: {err}. Pick a name no other metric uses "
+            "(a histogram also takes NAME_bucket, NAME_count and NAME_sum; a counter NAME_total)"
+        ) from err
+
+
+_CLASSES: dict[str, type] = {
+    "counter": Counter,
+    "gauge": Gauge,
+    "histogram": Histogram,
+    "summary": Summary,
+}
+
+_overflow_lock = threading.Lock()
+_overflow: Counter | None = None
+
+
+def overflow_total() -> Counter:
+    """``victor_metrics_series_overflow_total{metric}``, created on first use (unguarded)."""
+    global _overflow
+    counter = _overflow
+    if counter is None:
+        with _overflow_lock:
+            counter = _overflow
+            if counter is None:
+                counter = _overflow = Counter(
+                    OVERFLOW_METRIC,
+                    "labels() calls folded into the __overflow__ series by the cardinality guard",
+                    ("metric",),
+                    registry=_state.local_registry(),
+                    guard=False,
+                )
+    return counter
+
+
+@_state.on_reset
+def _forget() -> None:
+    global _overflow
+    _overflow = None

@@ -1,0 +1,229 @@
+"""Helpers for application code: one obvious way to record each family of the catalog.
+
+The ``track_*`` helpers are context managers: they time the body, count it, and when the
+body raises they record the error and re-raise. The error type of an exception is its
+``error_type`` attribute if it has one (for example ``"rate_limit"``), else its class name.
+
+    with track_llm_call("anthropic", "claude-sonnet-4-5") as call:
+        reply = client.messages.create(...)
+        call.record_tokens(prompt=reply.usage.input_tokens,
+                           completion=reply.usage.output_tokens)
+
+Label children are looked up through the guarded metrics' cache: after the first call
+with given label values, each lookup is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from types import TracebackType
+from typing import Any, Literal
+
+import psutil
+
+from .catalog import get_catalog
+
+_perf = time.perf_counter
+
+
+def error_type_of(exc: BaseException) -> str:
+    """``exc.error_type`` if it is a non-empty str, else the exception's class name."""
+    value = getattr(exc, "error_type", None)
+    return value if isinstance(value, str) and value else type(exc).__name__
+
+
+class _Tracked:
+    """Shared timing and failure state of the ``track_*`` context managers."""
+
+    __slots__ = ("_error", "_start")
+
+    def __init__(self) -> None:
+        self._error: str | None = None
+        self._start = 0.0
+
+    def fail(self, error_type: str) -> None:
+        """Mark this call failed with ``error_type`` (e.g. ``"rate_limit"``, ``"timeout"``)."""
+        self._error = error_type
+
+    def __enter__(self) -> Any:
+        self._start = _perf()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        elapsed = _perf() - self._start
+        if exc is not None and self._error is None:
+            self._error = error_type_of(exc)
+        self._record(elapsed)
+        return False
+
+    def _record(self, elapsed: float) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LLMCall(_Tracked):
+    """One LLM request: counted, timed in ms, its tokens and error (if any) recorded."""
+
+    __slots__ = ("_model", "_provider")
+
+    def __init__(self, provider: str, model: str) -> None:
+        super().__init__()
+        self._provider = provider
+        self._model = model
+
+    def record_tokens(self, prompt: int = 0, completion: int = 0) -> None:
+        """Add ``prompt`` and ``completion`` tokens to ``victor_llm_tokens_total``."""
+        tokens = get_catalog().llm_tokens_total
+        if prompt:
+            tokens.labels(self._provider, self._model, "prompt").inc(prompt)
+        if completion:
+            tokens.labels(self._provider, self._model, "completion").inc(completion)
+
+    def _record(self, elapsed: float) -> None:
+        catalog = get_catalog()
+        provider, model = self._provider, self._model
+        catalog.llm_requests_total.labels(provider, model).inc()
+        catalog.llm_duration_ms.labels(provider, model).observe(elapsed * 1000.0)
+        if self._error is not None:
+            catalog.llm_errors_total.labels(provider, model, self._error).inc()
+
+
+def track_llm_call(provider: str, model: str) -> LLMCall:
+    """Context manager recording one LLM request; yields an :class:`LLMCall`."""
+    return LLMCall(provider, model)
+
+
+class ToolRun(_Tracked):
+    """One tool execution: status success or error, duration in ms, error type."""
+
+    __slots__ = ("_tool",)
+
+    def __init__(self, tool_name: str) -> None:
+        super().__init__()
+        self._tool = tool_name
+
+    def _record(self, elapsed: float) -> None:
+        catalog = get_catalog()
+        tool = self._tool
+        status = "success" if self._error is None else "error"
+        catalog.tool_executions_total.labels(tool, status).inc()
+        catalog.tool_duration_ms.labels(tool).observe(elapsed * 1000.0)
+        if self._error is not None:
+            catalog.tool_errors_total.labels(tool, self._error).inc()
+
+
+def track_tool(tool_name: str) -> ToolRun:
+    """Context manager recording one tool execution; yields a :class:`ToolRun`."""
+    return ToolRun(tool_name)
+
+
+class CoordinatorRun(_Tracked):
+    """One coordinator run: count, seconds, errors, and the process's memory and CPU.
+
+    Memory: resident memory of this process when the run ends (``livemax`` across
+    processes). CPU: CPU time of the running thread divided by the run's wall time x 100
+    (``livemostrecent``): 100 means the run kept one core busy.
+    """
+
+    __slots__ = ("_cpu_start", "_name")
+
+    def __init__(self, coordinator_name: str) -> None:
+        super().__init__()
+        self._name = coordinator_name
+        self._cpu_start = 0.0
+
+    def __enter__(self) -> Any:
+        self._cpu_start = time.thread_time()
+        return super().__enter__()
+
+    def _record(self, elapsed: float) -> None:
+        cpu = time.thread_time() - self._cpu_start
+        catalog = get_catalog()
+        name = self._name
+        catalog.coordinator_executions_total.labels(name).inc()
+        catalog.coordinator_duration_seconds.labels(name).observe(elapsed)
+        if self._error is not None:
+            catalog.coordinator_errors_total.labels(name).inc()
+        catalog.coordinator_memory_bytes.labels(name).set(_rss())
+        if elapsed > 0:
+            catalog.coordinator_cpu_percent.labels(name).set(min(100.0, cpu / elapsed * 100.0))
+
+
+def track_coordinator(coordinator_name: str) -> CoordinatorRun:
+    """Context manager recording one coordinator run; yields a :class:`CoordinatorRun`."""
+    return CoordinatorRun(coordinator_name)
+
+
+_process: psutil.Process | None = None
+
+
+def _rss() -> float:
+    global _process
+    process = _process
+    if process is None or process.pid != os.getpid():
+        process = _process = psutil.Process()
+    return float(process.memory_info().rss)
+
+
+class InFlight:
+    """Counts the enclosed request in ``victor_active_connections`` while it runs."""
+
+    __slots__ = ("_gauge",)
+
+    def __enter__(self) -> None:
+        self._gauge = get_catalog().active_connections
+        self._gauge.inc()
+
+    def __exit__(self, *exc: object) -> Literal[False]:
+        self._gauge.dec()
+        return False
+
+
+def track_request_in_flight() -> InFlight:
+    """Context manager: +1 on ``victor_active_connections`` on entry, -1 on exit (always)."""
+    return InFlight()
+
+
+def record_request(
+    endpoint: str,
+    method: str,
+    status: int,
+    duration_ms: float,
+    error_type: str | None = None,
+) -> None:
+    """Record one finished HTTP request (used by the Flask extension).
+
+    An error is counted in ``victor_request_errors_total`` when ``error_type`` is given,
+    or when ``status`` is 429 (``rate_limit``) or 5xx (``http_<status>``).
+    """
+    catalog = get_catalog()
+    catalog.requests_total.labels(endpoint, method).inc()
+    catalog.request_duration_ms.labels(endpoint, method).observe(duration_ms)
+    if error_type is None:
+        if status >= 500:
+            error_type = f"http_{status}"
+        elif status == 429:
+            error_type = "rate_limit"
+        else:
+            return
+    catalog.request_errors_total.labels(endpoint, method, error_type).inc()
+
+
+def record_cache_hit(cache_name: str, count: int = 1) -> None:
+    """Count ``count`` hits of cache ``cache_name``."""
+    get_catalog().cache_hits_total.labels(cache_name).inc(count)
+
+
+def record_cache_miss(cache_name: str, count: int = 1) -> None:
+    """Count ``count`` misses of cache ``cache_name``."""
+    get_catalog().cache_misses_total.labels(cache_name).inc(count)
+
+
+def set_cache_size(cache_name: str, size_bytes: float) -> None:
+    """Set this process's size of cache ``cache_name`` (summed over live processes)."""
+    get_catalog().cache_size_bytes.labels(cache_name).set(size_bytes)
