@@ -159,8 +159,10 @@ class _Layout:
 class DirectoryCollector:
     """A prometheus_client collector that aggregates a multiprocess directory."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *, quarantine: bool = True) -> None:
+        """Aggregate ``directory``; ``quarantine=False`` never moves a corrupt file."""
         self.directory = directory
+        self.quarantine = quarantine
         self.stats = ScrapeStats()
         self._lock = threading.Lock()
         self._keys: dict[bytes, _Key] = {}
@@ -322,7 +324,7 @@ class DirectoryCollector:
 
     def _corrupt(self, info: _files.DataFile, inode: int, err: Exception) -> None:
         self._report_corrupt(info.name, inode, err)
-        if not _files.writer_alive(self.directory, info.ident):
+        if self.quarantine and not _files.writer_alive(self.directory, info.ident):
             quarantine(self.directory, info.name)
 
     def _report_corrupt(self, name: str, inode: int, err: Any) -> None:

@@ -71,7 +71,7 @@ def _without_created(family: Metric) -> Metric:
     return family
 
 
-class _Families:
+class FamiliesCollector:
     """A one-shot collector over already gathered families."""
 
     def __init__(self, families: Iterable[Metric]) -> None:
@@ -123,7 +123,7 @@ def render(
     if not s.enabled:
         return "200 OK", [("Content-Type", "text/plain; charset=utf-8")], DISABLED_BODY
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(gather(s)))  # type: ignore[arg-type]
+    registry.register(FamiliesCollector(gather(s)))  # type: ignore[arg-type]
     status, out_headers, body = _bake_output(
         registry, lower.get("accept"), lower.get("accept-encoding"), params or {}, False
     )

@@ -1,0 +1,218 @@
+"""``victor-metrics``: check, compact, dump and serve a multiprocess metrics directory.
+
+Exit status: 0 ok, 1 problems found or the operation failed, 2 usage or configuration
+error. Results go to stdout, errors to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import threading
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from . import __version__, _doctor, _state, derived
+from ._files import CorruptFile
+from .aggregate import DirectoryCollector
+from .compaction import compact
+from .exceptions import ConfigurationError, VictorMetricsError
+from .exposition import FamiliesCollector
+from .server import start_metrics_server
+from .settings import Settings, load_settings
+
+PROG = "victor-metrics"
+DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser, subparsers = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return exit_.code if isinstance(exit_.code, int) else 2
+    command = subparsers[args.command]
+    if args.command == "doctor":
+        return _doctor_command(args, command)
+    try:
+        settings = load_settings()
+    except ConfigurationError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    directory = args.dir or settings.multiproc_dir
+    if not directory:
+        return _no_directory(command)
+    directory = os.path.abspath(directory)
+    if args.command == "compact":
+        return _compact(directory)
+    if args.command == "dump":
+        return _dump(directory, args.format)
+    return _serve(directory, settings, args.port, args.addr)
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Check, compact, dump and serve the multiprocess metrics directory "
+        "of victor_mp_metrics.",
+        epilog=f"DIR defaults to ${DIR_ENV}. Exit status: 0 ok, 1 problems found or "
+        "operation failed, 2 usage or configuration error.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", metavar="DIR",
+                        help=f"the metrics directory (default: ${DIR_ENV})")
+    commands = {
+        "doctor": sub.add_parser(
+            "doctor", parents=[common], help="check the directory and say how to fix problems",
+            description="Check the settings, the directory, its files and optionally a "
+            "/metrics URL. One line per check: OK, WARN or FAIL, what is wrong and how to fix "
+            "it. Exit status 1 if any check FAILs. Reads only: creates and changes nothing.",
+            epilog="If /metrics answers but Prometheus shows nothing: `promtool check config "
+            "prometheus.yml`, then look at the target on Prometheus' /api/v1/targets.",
+        ),
+        "compact": sub.add_parser(
+            "compact", parents=[common], help="merge dead writers' files into the archive now",
+            description="Finish any interrupted compaction, remove leftover temp files and "
+            "merge the files of dead writer processes into the archive. Safe while the "
+            "service runs: live writers are never touched.",
+        ),
+        "dump": sub.add_parser(
+            "dump", parents=[common], help="print the aggregated metrics of the directory",
+            description="Print the aggregated exposition of the directory, as /metrics "
+            "would (without system and self metrics), without a server.",
+        ),
+        "serve": sub.add_parser(
+            "serve", parents=[common], help="serve the aggregated /metrics over HTTP",
+            description="Serve the aggregated /metrics of the directory until SIGINT or "
+            "SIGTERM.",
+        ),
+    }
+    doctor = commands["doctor"]
+    doctor.add_argument("--url", help="also GET this /metrics URL, e.g. "
+                        "http://localhost:9090/metrics")
+    doctor.add_argument("--token", help="bearer token for --url "
+                        "(default: $VICTOR_METRICS_AUTH_TOKEN)")
+    commands["dump"].add_argument("--format", choices=("text", "openmetrics"), default="text",
+                                  help="exposition format (default: text)")
+    serve = commands["serve"]
+    serve.add_argument("--port", type=_port, help="port (default: $VICTOR_METRICS_PORT or 9090; "
+                       "0 picks a free one)")
+    serve.add_argument("--addr", help="address to bind (default: $VICTOR_METRICS_ADDR or 0.0.0.0)")
+    return parser, commands
+
+
+def _port(raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port: expected 0-65535")
+    return port
+
+
+def _no_directory(command: argparse.ArgumentParser) -> int:
+    command.print_usage(sys.stderr)
+    print(f"{command.prog}: error: no metrics directory: pass --dir DIR or set {DIR_ENV}",
+          file=sys.stderr)
+    return 2
+
+
+def _doctor_command(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
+    directory = args.dir or os.environ.get(DIR_ENV, "").strip()
+    if not directory:
+        return _no_directory(command)
+    directory = os.path.abspath(directory)
+    checks = [_doctor.check_settings(os.environ, directory), *_doctor.check_directory(directory)]
+    if args.url:
+        try:
+            settings: Settings | None = load_settings()
+        except ConfigurationError:
+            settings = None  # already reported by the settings check
+        token = args.token or (settings.auth_token if settings else None)
+        basic = settings.basic_auth if settings else None
+        checks.extend(_doctor.check_url(args.url, token, basic))
+    for check in checks:
+        print("\n".join(check.lines()))
+    counts = {s: sum(1 for c in checks if c.status == s) for s in ("FAIL", "WARN", "OK")}
+    print(f"doctor: {counts['FAIL']} FAIL, {counts['WARN']} WARN, {counts['OK']} OK")
+    return 1 if counts["FAIL"] else 0
+
+
+def _compact(directory: str) -> int:
+    if not os.path.isdir(directory):
+        print(f"{PROG} compact: error: {directory} is not a directory", file=sys.stderr)
+        return 1
+    try:
+        result = compact(directory)
+    except (OSError, CorruptFile) as err:
+        print(f"{PROG} compact: error: compaction of {directory} failed: {err}. "
+              f"Run `{PROG} doctor --dir {directory}`.", file=sys.stderr)
+        return 1
+    if result.absorbed:
+        absorbed = ", ".join(result.absorbed)
+        print(f"compact: absorbed {len(result.absorbed)} dead writer(s) ({absorbed}), "
+              f"removed {result.files_removed} file(s), wrote {result.files_written} file(s); "
+              f"archive generation {result.generation} in {result.duration * 1000:.1f} ms")
+    else:
+        print(f"compact: no dead writers; archive generation {result.generation} "
+              f"in {result.duration * 1000:.1f} ms")
+    if result.recovered:
+        print("compact: finished an interrupted compaction / removed leftover temp files")
+    if result.corrupt:
+        print(f"compact: moved {len(result.corrupt)} corrupt file(s) to quarantine/: "
+              + ", ".join(result.corrupt))
+    return 0
+
+
+def _dump(directory: str, fmt: str) -> int:
+    if not os.path.isdir(directory):
+        print(f"{PROG} dump: error: {directory} is not a directory", file=sys.stderr)
+        return 1
+    families = derived.with_derived(list(DirectoryCollector(directory, quarantine=False).collect()))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FamiliesCollector(families))  # type: ignore[arg-type]
+    generate = generate_openmetrics if fmt == "openmetrics" else generate_latest
+    sys.stdout.write(generate(registry).decode("utf-8"))
+    return 0
+
+
+def _serve(directory: str, settings: Settings, port: int | None, addr: str | None) -> int:
+    settings = dataclasses.replace(settings, multiproc_dir=directory)
+    try:
+        _state.configure(settings)
+    except VictorMetricsError as err:
+        print(f"{PROG} serve: error: {err}", file=sys.stderr)
+        return 1
+    if not settings.enabled:
+        print(f"{PROG} serve: warning: VICTOR_METRICS_ENABLED=false, /metrics says so and "
+              "nothing else", file=sys.stderr)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            server = start_metrics_server(port, addr)
+        except OSError as err:
+            where = f"{addr or settings.addr}:{port if port is not None else settings.port or 9090}"
+            print(f"{PROG} serve: error: cannot listen on {where}: {err.strerror or err}. "
+                  "Choose another --port or --addr.", file=sys.stderr)
+            return 1
+        host = f"[{server.addr}]" if ":" in server.addr else server.addr
+        print(f"serving the metrics of {directory} on http://{host}:{server.port}/metrics "
+              "(stop with Ctrl-C or SIGTERM)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        server.stop()
+        print("stopped", flush=True)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
