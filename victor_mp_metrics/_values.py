@@ -96,6 +96,7 @@ class ProcessStore:
         self.files: dict[str, _WriterFile] = {}
         self.values: list[Any] = []
         self.write_errors = 0
+        self.reported_errors = 0
         self.failing = False
         self.watchdog: threading.Thread | None = None
         self.stopped = threading.Event()
@@ -200,6 +201,7 @@ class ProcessStore:
         while not self.stopped.wait(WATCHDOG_INTERVAL):
             try:
                 self.check()
+                report_write_errors(self)
             except Exception:  # pragma: no cover - never let the thread die silently
                 log.exception("victor_mp_metrics: watchdog check failed")
 
@@ -218,6 +220,7 @@ class ProcessStore:
         self.stopped = threading.Event()
         self.failing = False
         self.write_errors = 0
+        self.reported_errors = 0
         for value in self.values:
             value._value = 0.0
             value._timestamp = 0.0
@@ -232,6 +235,16 @@ class ProcessStore:
 
 
 _store: ProcessStore | None = None
+
+
+def report_write_errors(store: ProcessStore) -> None:
+    """Add write errors counted since the last report to the self-metric counter."""
+    from . import selfmetrics
+
+    new = store.write_errors - store.reported_errors
+    if new > 0:
+        store.reported_errors = store.write_errors
+        selfmetrics.counter("write_errors").inc(new)
 
 
 def current_store() -> ProcessStore | None:
