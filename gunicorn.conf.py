@@ -28,3 +28,5 @@ timeout = _settings.timeout
 max_requests = _settings.max_requests
 max_requests_jitter = _settings.max_requests_jitter
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# Gunicorn 27's control socket is one path per user; several masters would fight over it.
+control_socket_disable = True

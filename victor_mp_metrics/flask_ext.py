@@ -97,7 +97,7 @@ def _remember_exception(exc: BaseException | None) -> None:
 
 
 def _metrics_view() -> Response:
-    status, headers, body = render(request.headers, request.args.to_dict(flat=False))
+    status, headers, body = render(dict(request.headers.items()), request.args.to_dict(flat=False))
     return Response(body, status=status, headers=headers)
 
 
