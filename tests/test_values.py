@@ -171,3 +171,19 @@ def test_import_order_does_not_matter(tmp_path: Path):
         subprocess.run([sys.executable, "-c", code, str(directory)], check=True)
     key = ("victor_requests_total", (("endpoint", "/x"), ("method", "GET")))
     assert 3.0 == ours(directory)[key]
+
+
+def test_values_keep_counting_while_the_directory_is_unusable(metrics_dir: Path):
+    """Between the directory breaking and recovering, increments go on and are all kept."""
+    counter = _counter()
+    counter.inc(1)
+    store = _values.current_store()
+    shutil.rmtree(metrics_dir)
+    metrics_dir.write_text("in the way")
+    store.check()
+    counter.inc(2)
+    assert store.failing and 3.0 == counter._value.get()
+    metrics_dir.unlink()
+    store.check()
+    assert not store.failing
+    assert 3.0 == ours(metrics_dir)[("jobs_total", ())]

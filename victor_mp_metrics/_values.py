@@ -180,6 +180,8 @@ class ProcessStore:
                 log.warning("victor_mp_metrics: writing metric files in %s again", self.directory)
 
     def _drop_files(self) -> None:
+        for value in self.values:
+            value._file = None
         for f in self.files.values():
             f.close()
         self.files.clear()
