@@ -214,3 +214,33 @@ def test_concurrent_scrapes_never_see_totals_go_down(tmp_path: Path):
     assert 2.0 * sent == final
     assert seen[-1] <= final
     assert all(_files.parse_name(n) is None or "archive" in n for n in os.listdir(directory))
+
+
+def test_archive_caps_label_sets_per_metric_and_keeps_totals(tmp_path: Path):
+    """Many dead writers with distinct label sets: the archive keeps at most max_series
+    series per metric, folds the rest into __overflow__, and the total is unchanged."""
+    from ._dirs import write_data_file
+
+    for w in range(12):
+        write_data_file(tmp_path, "counter", f"{2**22 + w}", [
+            ("req", "req_total", {"user": f"u{w}-{i}"}, 1.0, 0.0) for i in range(3)
+        ])
+        write_data_file(tmp_path, "histogram", f"{2**22 + w}", [
+            ("lat", "lat_bucket", {"user": f"u{w}", "le": "1.0"}, 2.0, 0.0),
+            ("lat", "lat_bucket", {"user": f"u{w}", "le": "+Inf"}, 1.0, 0.0),
+            ("lat", "lat_sum", {"user": f"u{w}"}, 0.5, 0.0),
+        ])
+    before = ours(tmp_path)
+    result = compact(str(tmp_path), max_series=5)
+    after = ours(tmp_path)
+    req = {k: v for k, v in after.items() if k[0] == "req_total"}
+    assert 6 == len(req)  # 5 kept + __overflow__
+    assert 36.0 == sum(req.values()) == sum(v for k, v in before.items() if k[0] == "req_total")
+    assert (12 * 3 - 5) + (12 - 5) * 3 == result.series_folded  # samples moved
+    lat_count = {k: v for k, v in after.items() if k[0] == "lat_count"}
+    assert 6 == len(lat_count) and 36.0 == sum(lat_count.values())
+    assert 7.0 * 3 == after[("lat_count", (("user", "__overflow__"),))]
+    # A second round of writers does not grow the archive either.
+    run_writers(tmp_path, [2])
+    compact(str(tmp_path), max_series=5)
+    assert 6 == len([k for k in ours(tmp_path) if k[0] == "req_total"])

@@ -40,6 +40,7 @@ completed. ``FAULT_POINTS`` names each step, and tests kill the process at each 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -48,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import _files
+from ._metrics import OVERFLOW
 from .aggregate import quarantine
 from .manifest import Manifest, read_manifest, write_manifest
 
@@ -79,6 +81,7 @@ class CompactionResult:
     duration: float = 0.0
     recovered: bool = False
     corrupt: list[str] = field(default_factory=list)
+    series_folded: int = 0
 
 
 @dataclass
@@ -117,12 +120,18 @@ def compact(
     *,
     exclude: frozenset[str] = frozenset(),
     fault: Callable[[str], None] | None = None,
+    max_series: int | None = None,
 ) -> CompactionResult:
     """Recover, then merge every dead writer's files into a new archive generation.
 
     ``exclude`` lists idents never to absorb (the caller's own). ``fault`` is called with
     each name in :data:`FAULT_POINTS` as the step completes; tests use it to crash there.
+    ``max_series`` (default ``VICTOR_METRICS_MAX_SERIES``) caps label sets per metric in the
+    archive, as the writers' cardinality guard does per process: the union over many dead
+    writers must not grow without bound either. Extra label sets fold into ``__overflow__``.
     """
+    if max_series is None:
+        max_series = _configured_max_series()
     started = time.perf_counter()
     hit = fault or (lambda point: None)
     with _mutex, _DirectoryLock(directory):
@@ -134,7 +143,7 @@ def compact(
         dead = _dead_writers(directory, names, exclude)
         hit("before_archive")
         if dead:
-            _absorb(directory, names, manifest, dead, result, hit)
+            _absorb(directory, names, manifest, dead, result, hit, max_series)
     result.duration = time.perf_counter() - started
     if result.absorbed:
         stats.compactions += 1
@@ -198,10 +207,12 @@ def _absorb(
     dead: set[str],
     result: CompactionResult,
     hit: Callable[[str], None],
+    max_series: int,
 ) -> None:
     merged: dict[str, dict[str, tuple[float, float]]] = {}
     old_archive: list[str] = []
-    for name in sorted(names):
+    # The archive first, so series it already holds keep their place under the cap.
+    for name in sorted(names, key=lambda n: f"_archive-{manifest.generation}." not in n):
         info = _files.parse_name(name)
         if info is None:
             continue
@@ -227,6 +238,8 @@ def _absorb(
         _merge(into, info.mode, entries)
 
     generation = manifest.generation + 1
+    for kind, values in merged.items():
+        result.series_folded += _cap_series(values, kind, max_series)
     for kind, values in sorted(merged.items()):
         if not values:
             continue
@@ -277,6 +290,43 @@ def _merge(
                 into[key] = (value, timestamp)
         else:  # counters, histograms, summaries, sum gauges
             into[key] = (current[0] + value, 0.0)
+
+
+def _configured_max_series() -> int:
+    from .settings import Settings, load_settings
+
+    try:
+        return load_settings().max_series
+    except ValueError:
+        return Settings().max_series
+
+
+def _cap_series(values: dict[str, tuple[float, float]], kind: str, max_series: int) -> int:
+    """Fold label sets past ``max_series`` per metric into ``__overflow__``; samples moved."""
+    seen: dict[str, set[str]] = {}
+    folded: dict[str, tuple[float, float]] = {}
+    count = 0
+    for key in list(values):
+        metric, sample, labels, help_text = json.loads(key)
+        series = json.dumps({k: v for k, v in labels.items() if k != "le"}, sort_keys=True)
+        kept = seen.setdefault(metric, set())
+        if series in kept or len(kept) < max_series or set(labels.values()) <= {OVERFLOW}:
+            kept.add(series)
+            continue
+        count += 1
+        value, timestamp = values.pop(key)
+        overflow = {k: (v if k == "le" else OVERFLOW) for k, v in labels.items()}
+        target = json.dumps([metric, sample, overflow, help_text], sort_keys=True)
+        current = folded.get(target) or values.get(target)
+        if current is None:
+            folded[target] = (value, timestamp)
+        else:
+            into = {target: current}
+            _merge(into, kind.removeprefix("gauge_") if kind.startswith("gauge_") else "",
+                   [(target.encode(), value, timestamp, 0)])
+            folded[target] = into[target]
+    values.update(folded)
+    return count
 
 
 def _remove_writers(directory: str, names: list[str], idents: frozenset[str]) -> int:

@@ -135,6 +135,11 @@ def run_compaction(directory: str) -> compaction.CompactionResult | None:
         )
     if result.corrupt:
         selfmetrics.counter("corrupt_files").inc(len(result.corrupt))
+    if result.series_folded:
+        log.warning(
+            "victor_mp_metrics: archive reached VICTOR_METRICS_MAX_SERIES label sets for some "
+            "metric; %d sample(s) folded into __overflow__ series", result.series_folded,
+        )
     return result
 
 
