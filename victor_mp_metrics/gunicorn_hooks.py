@@ -186,6 +186,8 @@ def when_ready(server: Any) -> None:
     """Start the compactor and, if ``VICTOR_METRICS_PORT`` is set, the metrics server."""
     global _server, _compactor
     settings = _state.get_settings()
+    if settings.enabled:
+        selfmetrics.create_all()
     if settings.multiprocess and _compactor is None:
         _compactor = Compactor(settings.multiproc_dir, settings.sweep_interval)  # type: ignore[arg-type]
         _compactor.start()
