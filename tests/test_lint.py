@@ -14,3 +14,12 @@ def test_ruff_check_passes():
         [sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True
     )
     assert 0 == proc.returncode, proc.stdout + proc.stderr
+
+
+def test_mypy_passes_on_the_library():
+    """`mypy victor_mp_metrics` finds no type errors."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "victor_mp_metrics"], cwd=ROOT, capture_output=True,
+        text=True,
+    )
+    assert 0 == proc.returncode, proc.stdout + proc.stderr

@@ -144,22 +144,26 @@ def iter_entries(data: bytes | mmap.mmap, used: int) -> Iterator[tuple[bytes, fl
         pos = end + 16
 
 
+def read_used(fd: int) -> bytes:
+    """The used part of an open data file; raises CorruptFile when its header is impossible."""
+    data = os.pread(fd, mmap.PAGESIZE, 0)
+    if len(data) < 8:
+        raise CorruptFile(f"{len(data)} bytes, shorter than the 8-byte header")
+    (used,) = _int.unpack_from(data, 0)
+    if used < 8 or used % 8:
+        raise CorruptFile(f"header says {used} bytes used")
+    if used > len(data):
+        data += os.pread(fd, used - len(data), len(data))
+        if len(data) < used:
+            raise CorruptFile(f"header says {used} bytes used, file has {len(data)}")
+    return data[:used]
+
+
 def read_file(path: str) -> bytes:
-    """The used part of a data file; raises CorruptFile when its header is impossible."""
+    """The used part of the data file at ``path`` (never through a symlink)."""
     fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)
     try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(mmap.PAGESIZE)
-            if len(data) < 8:
-                raise CorruptFile(f"{len(data)} bytes, shorter than the 8-byte header")
-            (used,) = _int.unpack_from(data, 0)
-            if used < 8 or used % 8:
-                raise CorruptFile(f"header says {used} bytes used")
-            if used > len(data):
-                data += f.read(used - len(data))
-                if len(data) < used:
-                    raise CorruptFile(f"header says {used} bytes used, file has {len(data)}")
-            return data[:used]
+        return read_used(fd)
     finally:
         os.close(fd)
 

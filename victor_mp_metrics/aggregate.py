@@ -269,7 +269,7 @@ class DirectoryCollector:
             return 0
         try:
             inode = os.fstat(fd).st_ino
-            data = _read_used(fd)
+            data = _files.read_used(fd)
         except _files.CorruptFile as err:
             self._corrupt(info, inode, err)
             return 0
@@ -337,22 +337,6 @@ class DirectoryCollector:
             "is unaffected. Run `victor-metrics doctor` for details.",
             os.path.join(self.directory, name), err,
         )
-
-
-def _read_used(fd: int) -> bytes:
-    import mmap as _mmap
-
-    data = os.pread(fd, _mmap.PAGESIZE, 0)
-    if len(data) < 8:
-        raise _files.CorruptFile(f"{len(data)} bytes, shorter than the 8-byte header")
-    used = _files._int.unpack_from(data, 0)[0]
-    if used < 8 or used % 8:
-        raise _files.CorruptFile(f"header says {used} bytes used")
-    if used > len(data):
-        data += os.pread(fd, used - len(data), len(data))
-        if len(data) < used:
-            raise _files.CorruptFile(f"header says {used} bytes used, file has {len(data)}")
-    return data[:used]
 
 
 def quarantine(directory: str, name: str) -> str | None:
