@@ -143,6 +143,9 @@ def test_corrupt_file_is_skipped_counted_and_quarantined(tmp_path: Path, caplog,
 
     assert {("req_total", ()): 4.0} == samples(first) == samples(second)
     assert 1 == collector.stats.corrupt_files
+    from victor_mp_metrics import selfmetrics
+
+    assert 1.0 == selfmetrics.counter("corrupt_files")._value.get()
     assert 1 == sum("corrupt" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / f"counter_{2**22 + 2}.db").exists()
     assert 1 == len(os.listdir(tmp_path / "quarantine"))

@@ -159,10 +159,11 @@ class _Layout:
 class DirectoryCollector:
     """A prometheus_client collector that aggregates a multiprocess directory."""
 
-    def __init__(self, directory: str, *, quarantine: bool = True) -> None:
-        """Aggregate ``directory``; ``quarantine=False`` never moves a corrupt file."""
+    def __init__(self, directory: str, *, read_only: bool = False) -> None:
+        """Aggregate ``directory``. ``read_only`` never moves a corrupt file nor counts it
+        in ``victor_metrics_corrupt_files_total`` (for tools that only look)."""
         self.directory = directory
-        self.quarantine = quarantine
+        self.read_only = read_only
         self.stats = ScrapeStats()
         self._lock = threading.Lock()
         self._keys: dict[bytes, _Key] = {}
@@ -323,13 +324,20 @@ class DirectoryCollector:
         return acc
 
     def _corrupt(self, info: _files.DataFile, inode: int, err: Exception) -> None:
-        self._report_corrupt(info.name, inode, err)
-        if self.quarantine and not _files.writer_alive(self.directory, info.ident):
-            quarantine(self.directory, info.name)
-
-    def _report_corrupt(self, name: str, inode: int, err: Any) -> None:
-        if (name, inode) in self._warned:
+        first = self._report_corrupt(info.name, inode, err, count=False)
+        if self.read_only:
             return
+        if not _files.writer_alive(self.directory, info.ident):
+            # Whoever moves the file counts it: exactly once across all processes.
+            if quarantine(self.directory, info.name) is not None:
+                self._count()
+        elif first:
+            self._count()  # a live writer's file: once per process that reads it
+
+    def _report_corrupt(self, name: str, inode: int, err: Any, count: bool = True) -> bool:
+        """Log a corrupt file once per process; True the first time."""
+        if (name, inode) in self._warned:
+            return False
         self._warned.add((name, inode))
         self.stats.corrupt_files += 1
         log.error(
@@ -337,6 +345,15 @@ class DirectoryCollector:
             "is unaffected. Run `victor-metrics doctor` for details.",
             os.path.join(self.directory, name), err,
         )
+        if count and not self.read_only:
+            self._count()
+        return True
+
+    @staticmethod
+    def _count() -> None:
+        from . import selfmetrics
+
+        selfmetrics.counter("corrupt_files").inc()
 
 
 def quarantine(directory: str, name: str) -> str | None:
@@ -350,6 +367,8 @@ def quarantine(directory: str, name: str) -> str | None:
         for old in kept[:-100]:
             os.unlink(os.path.join(qdir, old))
         return target
+    except FileNotFoundError:
+        return None  # another process moved it first
     except OSError as err:
         log.warning("victor_mp_metrics: could not quarantine %s: %s", name, err)
         return None

@@ -176,7 +176,7 @@ def _dump(directory: str, fmt: str) -> int:
     if not os.path.isdir(directory):
         print(f"{PROG} dump: error: {directory} is not a directory", file=sys.stderr)
         return 1
-    families = derived.with_derived(list(DirectoryCollector(directory, quarantine=False).collect()))
+    families = derived.with_derived(list(DirectoryCollector(directory, read_only=True).collect()))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FamiliesCollector(families))  # type: ignore[arg-type]
     generate = generate_openmetrics if fmt == "openmetrics" else generate_latest
