@@ -18,6 +18,7 @@ from app import create_app
 from app.coordinator import ToolSelectionCache
 from app.routes import EXTENSION_KEY
 from app.tools import TOOLS, Tool
+from victor_mp_metrics import configure
 from victor_mp_metrics.catalog import CATALOG
 from victor_mp_metrics.exposition import DISABLED_BODY, gather
 from victor_mp_metrics.flask_ext import UNMATCHED
@@ -506,6 +507,7 @@ def test_app_works_with_metrics_disabled(
 ) -> None:
     """VICTOR_METRICS_ENABLED=false: chat, tools and errors work; /metrics says disabled."""
     monkeypatch.setenv("VICTOR_METRICS_ENABLED", "false")
+    configure()  # settings are read once per process; re-read them after changing the env
     client = create_app({"VICTOR_APP_LLM_LATENCY_MS": 0}).test_client()
     ok = post(client, {"message": "hi", "tools": ["read_file:notes.txt", "read_file:/etc"]})
     assert 200 == ok.status_code

@@ -38,24 +38,26 @@ from .exceptions import LabelError
 class _Recorder:
     """One catalog metric with default label values."""
 
-    __slots__ = ("_attr", "_defaults", "_names")
+    __slots__ = ("_attr", "_default_values", "_defaults", "_name_set", "_names")
 
     def __init__(self, attr: str, defaults: Mapping[str, str]) -> None:
         self._attr = attr
         self._defaults = dict(defaults)
         self._names = tuple(defaults)
+        self._name_set = frozenset(defaults)
+        self._default_values = tuple(defaults.values())
 
     def _child(self, labels: Mapping[str, Any] | None) -> Any:
         metric = getattr(get_catalog(), self._attr)
         if not labels:
-            return metric.labels(*self._defaults.values())
-        unknown = sorted(set(labels) - set(self._names))
-        if unknown:
+            return metric.labels(*self._default_values)
+        if not labels.keys() <= self._name_set:
+            unknown = sorted(set(labels) - self._name_set)
             raise LabelError(
                 f"victor_{self._attr}: unknown label(s) {unknown}; valid labels are "
                 f"{', '.join(self._names)} (defaults {self._defaults})"
             )
-        return metric.labels(*(labels.get(n, d) for n, d in self._defaults.items()))
+        return metric.labels(*[labels.get(n, d) for n, d in self._defaults.items()])
 
 
 class CounterRecorder(_Recorder):
@@ -81,22 +83,22 @@ class HistogramRecorder(_Recorder):
 class MetricsCollector:
     """Records tool and model metrics and summarises them; cheap to create, stateless."""
 
-    def __init__(self) -> None:
-        self.tool_calls = CounterRecorder(
-            "tool_executions_total", {"tool_name": "unknown", "status": "success"}
-        )
-        self.tool_errors = CounterRecorder(
-            "tool_errors_total", {"tool_name": "unknown", "error_type": "unknown"}
-        )
-        self.model_requests = CounterRecorder(
-            "llm_requests_total", {"provider": "unknown", "model": "unknown"}
-        )
-        self.model_errors = CounterRecorder(
-            "llm_errors_total", {"provider": "unknown", "model": "unknown", "error_type": "unknown"}
-        )
-        self.model_latency = HistogramRecorder(
-            "llm_duration_ms", {"provider": "unknown", "model": "unknown"}
-        )
+    # The recorders hold no state of their own, so every collector shares them.
+    tool_calls = CounterRecorder(
+        "tool_executions_total", {"tool_name": "unknown", "status": "success"}
+    )
+    tool_errors = CounterRecorder(
+        "tool_errors_total", {"tool_name": "unknown", "error_type": "unknown"}
+    )
+    model_requests = CounterRecorder(
+        "llm_requests_total", {"provider": "unknown", "model": "unknown"}
+    )
+    model_errors = CounterRecorder(
+        "llm_errors_total", {"provider": "unknown", "model": "unknown", "error_type": "unknown"}
+    )
+    model_latency = HistogramRecorder(
+        "llm_duration_ms", {"provider": "unknown", "model": "unknown"}
+    )
 
     def get_summary(self) -> dict[str, float]:
         """Deployment-wide totals and rates.

@@ -20,7 +20,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 
-from . import instrument
+from . import _state, instrument
 from .catalog import get_catalog
 from .exposition import render
 
@@ -68,6 +68,8 @@ class VictorMetrics:
         - ``VICTOR_METRICS_PATH`` (``"/metrics"``): where the scrape route is served.
         - ``VICTOR_METRICS_SERVE`` (``True``): register the scrape route at all.
         - ``VICTOR_METRICS_EXCLUDE_PATHS`` (the scrape path): paths not recorded.
+
+        With ``VICTOR_METRICS_ENABLED=false`` only the scrape route is added (it says so).
         """
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
@@ -78,22 +80,22 @@ class VictorMetrics:
         serve = app.config.setdefault("VICTOR_METRICS_SERVE", True)
         excluded = frozenset(app.config.setdefault("VICTOR_METRICS_EXCLUDE_PATHS", (path,)))
         app.extensions[EXTENSION_KEY] = self
-        app.before_request(_remember_endpoint)
-        app.teardown_request(_remember_exception)
-        app.wsgi_app = _Middleware(app.wsgi_app, excluded)  # type: ignore[method-assign]
+        if _state.get_settings().enabled:
+            # Disabled metrics cost a request nothing: no hook, no middleware.
+            app.teardown_request(_remember_request)
+            app.wsgi_app = _Middleware(app.wsgi_app, excluded)  # type: ignore[method-assign]
         if serve:
             app.add_url_rule(path, "victor_metrics", _metrics_view, methods=["GET"])
 
 
-def _remember_endpoint() -> None:
+def _remember_request(exc: BaseException | None) -> None:
+    # Teardown runs after start_response and before the server closes the response.
+    environ = request.environ
     rule = request.url_rule
     if rule is not None:
-        request.environ[_ENDPOINT_KEY] = rule.rule
-
-
-def _remember_exception(exc: BaseException | None) -> None:
+        environ[_ENDPOINT_KEY] = rule.rule
     if exc is not None:
-        request.environ.setdefault(_ERROR_KEY, type(exc).__name__)
+        environ.setdefault(_ERROR_KEY, type(exc).__name__)
 
 
 def _metrics_view() -> Response:

@@ -147,6 +147,7 @@ class PrometheusRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._defined: dict[str, tuple[_Definition, Any]] = {}
+        self._calls: dict[tuple[Any, ...], Any] = {}
         self._owners: dict[str, str] = {}
 
     @overload
@@ -247,6 +248,31 @@ class PrometheusRegistry:
         return self._get("histogram", name, help, labels, label_names, buckets=buckets)
 
     def _get(
+        self,
+        kind: str,
+        name: str,
+        help: str,
+        const: Mapping[str, str] | None,
+        label_names: Sequence[str],
+        *,
+        buckets: Sequence[float] | None = None,
+        mode: str | None = None,
+    ) -> Any:
+        try:
+            # Fast path for the same call made again (a metric looked up on every use).
+            call = (kind, name, tuple((const or {}).items()), tuple(label_names),
+                    None if buckets is None else tuple(buckets), mode)
+            found = self._calls.get(call)
+        except TypeError:  # unhashable arguments: the slow path explains what is wrong
+            call, found = None, None
+        if found is not None:
+            return found
+        result = self._define(kind, name, help, const, label_names, buckets=buckets, mode=mode)
+        if call is not None and all(type(v) is str for _, v in call[2]):
+            self._calls[call] = result
+        return result
+
+    def _define(
         self,
         kind: str,
         name: str,
