@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from victor_mp_metrics import _metrics, _state
+from victor_mp_metrics import _metrics, _state, selfmetrics
 from victor_mp_metrics._metrics import NOOP, Counter, Gauge, Histogram, NoopMetric, Summary
 from victor_mp_metrics.exceptions import LabelError, MetricDefinitionError
 
@@ -195,8 +195,8 @@ def test_overflow_counter_is_not_guarded() -> None:
     for name in ("a", "b", "c"):
         _metrics.new_metric("counter", f"t_{name}_total", "help", ("x",)).labels("1")
         _metrics.new_metric("counter", f"t_{name}_total_again", "help", ("x",))
-    overflow = _metrics.overflow_total()
-    assert overflow._max_series is None
+    overflow = selfmetrics.counter("series_overflow")
+    assert not isinstance(overflow, _metrics._Guarded)
     for name in ("a", "b", "c"):
         overflow.labels(name).inc()
     assert 1.0 == _value("victor_metrics_series_overflow_total", metric="c")

@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from . import _state
+from . import _state, selfmetrics
 from .exceptions import LabelError, MetricDefinitionError
 
 log = logging.getLogger("victor_mp_metrics")
@@ -262,7 +262,7 @@ class _Guarded:
         return child
 
     def _overflowed(self, metric: str) -> Any:
-        overflow_total().labels(metric).inc()
+        selfmetrics.counter("series_overflow").labels(metric).inc()
         with self._lock:
             child = self._overflow_child
             if child is None:
@@ -483,30 +483,3 @@ _CLASSES: dict[str, type] = {
     "histogram": Histogram,
     "summary": Summary,
 }
-
-_overflow_lock = threading.Lock()
-_overflow: Counter | None = None
-
-
-def overflow_total() -> Counter:
-    """``victor_metrics_series_overflow_total{metric}``, created on first use (unguarded)."""
-    global _overflow
-    counter = _overflow
-    if counter is None:
-        with _overflow_lock:
-            counter = _overflow
-            if counter is None:
-                counter = _overflow = Counter(
-                    OVERFLOW_METRIC,
-                    "labels() calls folded into the __overflow__ series by the cardinality guard",
-                    ("metric",),
-                    registry=_state.local_registry(),
-                    guard=False,
-                )
-    return counter
-
-
-@_state.on_reset
-def _forget() -> None:
-    global _overflow
-    _overflow = None

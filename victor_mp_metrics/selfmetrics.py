@@ -19,7 +19,12 @@ from . import _state
 _lock = threading.Lock()
 _counters: dict[str, Any] = {}
 
-_DEFINITIONS = {
+_DEFINITIONS: dict[str, tuple[str, str] | tuple[str, str, tuple[str, ...]]] = {
+    "series_overflow": (
+        "victor_metrics_series_overflow",
+        "labels() calls folded into the __overflow__ series by the cardinality guard.",
+        ("metric",),
+    ),
     "compactions": ("victor_metrics_compactions", "Compactions that absorbed dead writers."),
     "compaction_seconds": (
         "victor_metrics_compaction_seconds",
@@ -52,16 +57,19 @@ def counter(name: str) -> Any:
     with _lock:
         found = _counters.get(name)
         if found is None:
-            metric_name, doc = _DEFINITIONS[name]
+            metric_name, doc, *labels = _DEFINITIONS[name]
             _state.get_settings()
-            found = _counters[name] = Counter(metric_name, doc, registry=_state.local_registry())
+            found = _counters[name] = Counter(
+                metric_name, doc, labels[0] if labels else (), registry=_state.local_registry()
+            )
         return found
 
 
 def create_all() -> None:
     """Create every self-metric counter now, so each series starts at 0 (rate() sees the first)."""
-    for name in _DEFINITIONS:
-        counter(name)
+    for name, definition in _DEFINITIONS.items():
+        if len(definition) == 2:  # labelled counters have no series until first use
+            counter(name)
 
 
 def scrape_families(duration: float, files: int, nbytes: int) -> list[Metric]:
