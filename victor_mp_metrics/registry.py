@@ -27,18 +27,8 @@ from typing import Any, overload
 from prometheus_client import Histogram as _PcHistogram
 
 from . import _state
-from ._metrics import (
-    OVERFLOW_METRIC,
-    Counter,
-    Gauge,
-    GaugeMode,
-    Histogram,
-    NoopMetric,
-    check_buckets,
-    label_value,
-    new_metric,
-    validate_definition,
-)
+from ._metrics import OVERFLOW_METRIC, Counter, Gauge, GaugeMode, Histogram, NoopMetric, new_metric
+from ._validation import check_buckets, label_value, validate_definition
 from .catalog import CATALOG, MetricSpec, get_catalog
 from .exceptions import LabelError, MetricDefinitionError
 
