@@ -26,6 +26,7 @@ def _directories(draw):
     """A random directory: writers of every kind and gauge mode, some already archived."""
     writers = draw(st.integers(min_value=1, max_value=6))
     files = []
+    clock = 0.0  # distinct timestamps: with ties, "mostrecent" depends on file order
     for w in range(writers):
         ident = f"{10000 + w}-{w:08x}"
         for kind in draw(st.sets(st.sampled_from(
@@ -45,7 +46,10 @@ def _directories(draw):
                     entries.append(("h", "h_sum", labels, abs(draw(_values)), 0.0))
                 else:
                     mode = kind.split("_", 1)[1]
-                    ts = float(draw(st.integers(0, 5))) if "mostrecent" in mode else 0.0
+                    ts = 0.0
+                    if "mostrecent" in mode:
+                        clock += draw(st.integers(1, 3))
+                        ts = clock
                     entries.append((f"g_{mode}", f"g_{mode}", labels, draw(_values), ts))
             files.append((kind, ident, entries))
     return writers, files

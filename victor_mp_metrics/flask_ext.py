@@ -4,11 +4,15 @@ Usage::
 
     metrics = VictorMetrics(app)        # or VictorMetrics(); metrics.init_app(app)
 
-It wraps ``app.wsgi_app`` so a request counts as in flight (``victor_active_connections``)
-and is timed until the server has sent the last byte and closed the response, which is
-right for streamed responses too, and always ends, exceptions included. Labels carry the
-matched route template, never the raw path: unmatched requests share ``endpoint="<unmatched>"``
-and unknown methods share ``method="OTHER"``, so request data never becomes a label.
+It wraps ``app.wsgi_app``. A request is counted (``victor_requests_total``, and
+``victor_request_errors_total`` for an error status) when the app calls
+``start_response``, before the server sends a byte, so a worker killed after answering
+never loses a request the client received. It stays in flight
+(``victor_active_connections``) and is timed until the server has sent the last byte and
+closed the response, which is right for streamed responses too, exceptions included.
+Labels carry the matched route template, never the raw path: unmatched requests share
+``endpoint="<unmatched>"`` and unknown methods share ``method="OTHER"``, so request data
+never becomes a label.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, got_request_exception, request
 
 from . import _state, instrument
 from .catalog import get_catalog
@@ -82,20 +86,15 @@ class VictorMetrics:
         app.extensions[EXTENSION_KEY] = self
         if _state.get_settings().enabled:
             # Disabled metrics cost a request nothing: no hook, no middleware.
-            app.teardown_request(_remember_request)
+            got_request_exception.connect(_remember_exception, app, weak=False)
             app.wsgi_app = _Middleware(app.wsgi_app, excluded)  # type: ignore[method-assign]
         if serve:
             app.add_url_rule(path, "victor_metrics", _metrics_view, methods=["GET"])
 
 
-def _remember_request(exc: BaseException | None) -> None:
-    # Teardown runs after start_response and before the server closes the response.
-    environ = request.environ
-    rule = request.url_rule
-    if rule is not None:
-        environ[_ENDPOINT_KEY] = rule.rule
-    if exc is not None:
-        environ.setdefault(_ERROR_KEY, type(exc).__name__)
+def _remember_exception(sender: Flask, exception: BaseException, **extra: Any) -> None:
+    # Sent by Flask for an unhandled exception, before it builds the 500 response.
+    request.environ.setdefault(_ERROR_KEY, type(exception).__name__)
 
 
 def _metrics_view() -> Response:
@@ -117,26 +116,30 @@ class _Middleware:
         tracker.begin()
 
         def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
-            tracker.status = int(status[:3])
+            tracker.answered(int(status[:3]))
             return start_response(status, headers, *exc_info)
 
         try:
             body = self.wsgi_app(environ, capture)
-        except BaseException:
-            tracker.status = 500
-            environ.setdefault(_ERROR_KEY, "exception")
+        except BaseException as exc:
+            environ.setdefault(_ERROR_KEY, type(exc).__name__)
+            tracker.answered(500)
             tracker.end()
             raise
         return _ClosingBody(body, tracker)
 
 
 class _Tracked:
-    __slots__ = ("done", "environ", "started", "status")
+    """One request: in flight from the start, counted when answered, timed until closed."""
+
+    __slots__ = ("done", "endpoint", "environ", "method", "started")
 
     def __init__(self, environ: dict[str, Any]) -> None:
         self.environ = environ
-        self.status = 500
         self.done = False
+        self.endpoint: str | None = None
+        method = environ.get("REQUEST_METHOD", "")
+        self.method = method if method in STANDARD_METHODS else OTHER_METHOD
         self.started = 0.0
 
     def begin(self) -> None:
@@ -146,24 +149,31 @@ class _Tracked:
         except Exception:
             log.exception("victor_mp_metrics: could not count the request in flight")
 
+    def answered(self, status: int) -> None:
+        """Count the request (once) as the app hands its status to the server."""
+        if self.endpoint is not None:
+            return
+        environ = self.environ
+        req = environ.get("werkzeug.request")
+        rule = req.url_rule if req is not None else None
+        self.endpoint = rule.rule if rule is not None else UNMATCHED
+        error_type = None
+        if status >= 400:
+            error_type = environ.get(_ERROR_KEY) or error_type_for_status(status)
+        try:
+            instrument.record_request(self.endpoint, self.method, status, None, error_type)
+        except Exception:
+            log.exception("victor_mp_metrics: could not record request metrics")
+
     def end(self) -> None:
         if self.done:
             return
         self.done = True
         elapsed_ms = (time.perf_counter() - self.started) * 1000.0
-        environ = self.environ
-        method = environ.get("REQUEST_METHOD", "")
-        if method not in STANDARD_METHODS:
-            method = OTHER_METHOD
-        error_type = environ.get(_ERROR_KEY) if self.status >= 400 else None
-        if error_type is None:
-            error_type = error_type_for_status(self.status)
         try:
             get_catalog().active_connections.dec()
-            instrument.record_request(
-                environ.get(_ENDPOINT_KEY, UNMATCHED), method, self.status, elapsed_ms,
-                error_type,
-            )
+            if self.endpoint is not None:
+                instrument.observe_request_duration(self.endpoint, self.method, elapsed_ms)
         except Exception:
             log.exception("victor_mp_metrics: could not record request metrics")
 

@@ -201,17 +201,20 @@ def record_request(
     endpoint: str,
     method: str,
     status: int,
-    duration_ms: float,
+    duration_ms: float | None = None,
     error_type: str | None = None,
 ) -> None:
-    """Record one finished HTTP request (used by the Flask extension).
+    """Record one answered HTTP request (used by the Flask extension).
 
-    An error is counted in ``victor_request_errors_total`` when ``error_type`` is given,
-    or when ``status`` is 429 (``rate_limit``) or 5xx (``http_<status>``).
+    ``duration_ms`` None records the count only (observe the duration later with
+    :func:`observe_request_duration`). An error is counted in
+    ``victor_request_errors_total`` when ``error_type`` is given, or when ``status`` is
+    429 (``rate_limit``) or 5xx (``http_<status>``).
     """
     catalog = get_catalog()
     catalog.requests_total.labels(endpoint, method).inc()
-    catalog.request_duration_ms.labels(endpoint, method).observe(duration_ms)
+    if duration_ms is not None:
+        catalog.request_duration_ms.labels(endpoint, method).observe(duration_ms)
     if error_type is None:
         if status >= 500:
             error_type = f"http_{status}"
@@ -220,6 +223,11 @@ def record_request(
         else:
             return
     catalog.request_errors_total.labels(endpoint, method, error_type).inc()
+
+
+def observe_request_duration(endpoint: str, method: str, duration_ms: float) -> None:
+    """Observe a request's duration in ``victor_request_duration_ms``."""
+    get_catalog().request_duration_ms.labels(endpoint, method).observe(duration_ms)
 
 
 def record_cache_hit(cache_name: str, count: int = 1) -> None:
