@@ -12,13 +12,13 @@ from victor_mp_metrics.gunicorn_hooks import (  # noqa: F401 - Gunicorn looks th
     on_exit,
     on_starting,
     post_fork,
+    settings_or_exit,
     use_default_directory,
     when_ready,
 )
-from victor_mp_metrics.settings import load_settings
 
 use_default_directory()
-_settings = load_settings()
+_settings = settings_or_exit()
 
 bind = [_settings.bind]
 workers = _settings.workers

@@ -134,3 +134,35 @@ def _resources(server: Gunicorn) -> dict[int, tuple[int, int]]:
     for proc in [master, *master.children()]:
         out[proc.pid] = (proc.memory_info().rss, proc.num_fds())
     return out
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VICTOR_WORKERS": "lots"}, "VICTOR_WORKERS='lots' is not valid"),
+        ({"VICTOR_METRICS_PORT": "99999"}, "VICTOR_METRICS_PORT='99999' is not valid"),
+        ({"PROMETHEUS_MULTIPROC_DIR": "UNSAFE"}, "is writable by other users"),
+    ],
+)
+def test_bad_configuration_refuses_to_start_with_one_clear_line(tmp_path: Path, env, message):
+    """Gunicorn exits 1 with the settings error, not a traceback, on a bad value or directory."""
+    import subprocess
+    import sys
+
+    from ._gunicorn import ROOT, free_port
+
+    unsafe = tmp_path / "shared"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith("VICTOR_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    environment["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    environment.update({k: (str(unsafe) if v == "UNSAFE" else v) for k, v in env.items()})
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+         "-b", f"127.0.0.1:{free_port()}", "-w", "1", APP],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=30,
+    )
+    assert 1 == proc.returncode
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from . import _state, _values, compaction, selfmetrics
 from .directory import ensure_directory
 from .exceptions import VictorMetricsError
 from .server import MetricsServer, start_metrics_server
-from .settings import load_settings
+from .settings import Settings, load_settings
 
 log = logging.getLogger("victor_mp_metrics")
 F = TypeVar("F", bound=Callable[..., None])
@@ -52,6 +51,14 @@ def default_directory() -> str:
     """The built-in multiprocess directory: per user, on tmpfs (/dev/shm) when possible."""
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else tempfile.gettempdir()
     return os.path.join(base, f"victor-metrics-{os.geteuid()}")
+
+
+def settings_or_exit() -> Settings:
+    """The settings for a ``gunicorn.conf.py``: a bad value exits with one clear line."""
+    try:
+        return load_settings()
+    except VictorMetricsError as err:
+        raise SystemExit(f"victor_mp_metrics: refusing to start: {err}") from None
 
 
 def use_default_directory() -> str:
@@ -160,9 +167,7 @@ def on_starting(server: Any) -> None:
         os.environ[MASTER_PID_ENV] = str(os.getpid())
         _state.configure(settings)
     except VictorMetricsError as err:
-        log.error("victor_mp_metrics: refusing to start: %s", err)
-        print(f"victor_mp_metrics: refusing to start: {err}", file=sys.stderr)
-        sys.exit(1)
+        raise SystemExit(f"victor_mp_metrics: refusing to start: {err}") from None
     if settings.multiprocess:
         _start_clean(settings.multiproc_dir)  # type: ignore[arg-type]
 
