@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,21 +153,30 @@ def gunicorn(
                                 stderr=subprocess.STDOUT, start_new_session=True)
     server = Gunicorn(proc, port, metrics_dir, log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"gunicorn exited {proc.returncode}:\n{server.logs()}")
-            try:
-                if server.get(ready_path, timeout=2).status < 500:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gunicorn did not answer in 30 s:\n{server.logs()}")
-            time.sleep(0.1)
+        wait_ready(proc, "gunicorn", lambda: server.get(ready_path, timeout=2).status < 500,
+                   server.logs)
         yield server
     finally:
         stop(proc)
+
+
+def wait_ready(
+    proc: subprocess.Popen, what: str, ready: Callable[[], bool], logs: Callable[[], str],
+    timeout: float = 30.0,
+) -> None:
+    """Poll ``ready()`` until it is true; fail with the logs if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited {proc.returncode}:\n{logs()}")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} was not ready in {timeout:.0f} s:\n{logs()}")
+        time.sleep(0.1)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:

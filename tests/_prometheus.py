@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ._gunicorn import ROOT, free_port, request
+from ._gunicorn import ROOT, free_port, request, wait_ready
 
 ASSETS = ROOT / "examples" / "observability"
 SINGLE_TARGET_CONFIG = ASSETS / "prometheus.yml"
@@ -256,18 +256,9 @@ def prometheus(binary: str, directory: Path, config: Path) -> Iterator[Prometheu
         )
     server = Prometheus(proc, port, log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited {proc.returncode}:\n{server.logs()}")
-            try:
-                if request(f"{server.url}/-/ready", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prometheus was not ready in 30 s:\n{server.logs()}")
-            time.sleep(0.1)
+        wait_ready(proc, "prometheus",
+                   lambda: request(f"{server.url}/-/ready", timeout=2).status == 200,
+                   server.logs)
         yield server
     finally:
         stop(proc)
