@@ -216,15 +216,7 @@ def _contents(path: str) -> list[Check]:
                             f"file names (found: {gens or 'none'})."))
         return checks
     files = [(n, info) for n in names if (info := _files.parse_name(n)) is not None]
-    idents: dict[str, str | None] = {}
-    for name, info in files:
-        if not info.is_archive and info.ident not in manifest.absorbed:
-            idents.setdefault(info.ident, os.path.join(path, name))
-    for name in names:
-        ident = name.removesuffix(_files.OWNER_SUFFIX)
-        if ident != name and ident not in manifest.absorbed:
-            idents.setdefault(ident, None)
-    alive = {i: _files.writer_alive(path, i, p) for i, p in idents.items()}
+    alive = _files.writer_liveness(path, names, skip=manifest.absorbed)
     live = sorted(i for i, a in alive.items() if a)
     dead = sorted(i for i, a in alive.items() if not a)
     if live:
@@ -234,7 +226,7 @@ def _contents(path: str) -> list[Check]:
                             "if the service is running, it writes elsewhere: compare its "
                             f"PROMETHEUS_MULTIPROC_DIR with {path}."))
     if dead:
-        count = sum(1 for n in names if _ident_of(n) in dead)
+        count = sum(1 for n in names if _files.writer_ident(n) in dead)
         checks.append(Check("FAIL", "orphans",
                             f"{len(dead)} dead writer(s) not compacted ({_listed(dead)}), "
                             f"{count} file(s).",
@@ -273,13 +265,6 @@ def _files_summary(path: str, names: list[str]) -> Check:
     per_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
     return Check("OK", "files", f"{count} file(s), {nbytes} bytes; writer data files: "
                  f"{per_kind}; archive files: {archives}.")
-
-
-def _ident_of(name: str) -> str | None:
-    info = _files.parse_name(name)
-    if info is not None:
-        return None if info.is_archive else info.ident
-    return name[: -len(_files.OWNER_SUFFIX)] if name.endswith(_files.OWNER_SUFFIX) else None
 
 
 def _listed(items: list[str]) -> str:

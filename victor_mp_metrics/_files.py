@@ -28,7 +28,6 @@ and the process start time.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import mmap
@@ -249,6 +248,30 @@ def writer_alive(directory: str, ident: str, data_path: str | None = None) -> bo
     return started <= modified + 1.0
 
 
+def writer_ident(name: str) -> str | None:
+    """The writer ident of a writer's data file or owner file; None for any other file."""
+    info = parse_name(name)
+    if info is not None:
+        return None if info.is_archive else info.ident
+    return name.removesuffix(OWNER_SUFFIX) if name.endswith(OWNER_SUFFIX) else None
+
+
+def writer_liveness(
+    directory: str, names: list[str], skip: frozenset[str] = frozenset()
+) -> dict[str, bool]:
+    """Every writer with a data or owner file among ``names`` (but ``skip``): alive or not."""
+    data_paths: dict[str, str | None] = {}
+    for name in names:
+        ident = writer_ident(name)
+        if ident is None or ident in skip:
+            continue
+        if name.endswith(".db") and data_paths.get(ident) is None:
+            data_paths[ident] = os.path.join(directory, name)
+        else:
+            data_paths.setdefault(ident, None)
+    return {i: writer_alive(directory, i, path) for i, path in data_paths.items()}
+
+
 def stale_temp(path: str, min_age: float = 60.0) -> bool:
     """A temp file left by a dead writer: old enough and not locked."""
     try:
@@ -263,6 +286,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    except OSError as err:  # pragma: no cover - reported by the caller's sweep
-        if err.errno != errno.ENOENT:
-            raise

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -58,7 +58,6 @@ class ScrapeStats:
     last_bytes: int = 0
     retries: int = 0
     corrupt_files: int = 0
-    quarantined: set[tuple[str, int]] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,18 +84,6 @@ class CompactionResult:
     series_folded: int = 0
 
 
-@dataclass
-class CompactionStats:
-    """Totals of this process's compactions, exported as ``victor_metrics_*`` self-metrics."""
-
-    compactions: int = 0
-    writers_absorbed: int = 0
-    seconds: float = 0.0
-    failures: int = 0
-    corrupt_files: int = 0
-
-
-stats = CompactionStats()
 
 
 class _DirectoryLock:
@@ -145,10 +133,6 @@ def compact(
         if dead:
             _absorb(directory, names, manifest, dead, result, hit, max_series)
     result.duration = time.perf_counter() - started
-    if result.absorbed:
-        stats.compactions += 1
-        stats.writers_absorbed += len(result.absorbed)
-        stats.seconds += result.duration
     return result
 
 
@@ -181,23 +165,9 @@ def _is_compactor_temp(name: str) -> bool:
 
 
 def _dead_writers(directory: str, names: list[str], exclude: frozenset[str]) -> set[str]:
-    verdict: dict[str, bool] = {}
-    for name in names:
-        info = _files.parse_name(name)
-        if info is None or info.is_archive or info.ident in exclude:
-            continue
-        if info.ident not in verdict:
-            path = os.path.join(directory, name)
-            verdict[info.ident] = not _files.writer_alive(directory, info.ident, path)
-    # Owner files whose writer died before creating any data file.
-    for name in names:
-        if name.endswith(_files.OWNER_SUFFIX):
-            ident = name[: -len(_files.OWNER_SUFFIX)]
-            if ident not in verdict and ident not in exclude and not _files.writer_alive(
-                directory, ident
-            ):
-                verdict[ident] = True
-    return {ident for ident, dead in verdict.items() if dead}
+    # Owner files count too: a writer may die before it creates any data file.
+    liveness = _files.writer_liveness(directory, names, skip=exclude)
+    return {ident for ident, alive in liveness.items() if not alive}
 
 
 def _absorb(
@@ -231,7 +201,6 @@ def _absorb(
         except (_files.CorruptFile, ValueError) as err:
             log.error("victor_mp_metrics: corrupt file %s not merged (%s); quarantined", path, err)
             result.corrupt.append(name)
-            stats.corrupt_files += 1
             quarantine(directory, name)
             continue
         into = merged.setdefault(info.kind, {})
@@ -331,14 +300,15 @@ def _cap_series(values: dict[str, tuple[float, float]], kind: str, max_series: i
 
 def _remove_writers(directory: str, names: list[str], idents: frozenset[str]) -> int:
     removed = 0
-    owners = []
+    owners = []  # removed last: an owner file outlives its data files
     for name in names:
-        info = _files.parse_name(name)
-        if info is not None and not info.is_archive and info.ident in idents:
+        if _files.writer_ident(name) not in idents:
+            continue
+        if name.endswith(_files.OWNER_SUFFIX):
+            owners.append(name)
+        else:
             _files._unlink_quietly(os.path.join(directory, name))
             removed += 1
-        elif name.endswith(_files.OWNER_SUFFIX) and name[: -len(_files.OWNER_SUFFIX)] in idents:
-            owners.append(name)
     for name in owners:
         _files._unlink_quietly(os.path.join(directory, name))
         removed += 1
@@ -355,21 +325,14 @@ def wipe_dead(directory: str, *, exclude: frozenset[str] = frozenset()) -> int:
     with _mutex, _DirectoryLock(directory):
         recover(directory)
         names = os.listdir(directory)
-        idents = {
-            info.ident
-            for info in map(_files.parse_name, names)
-            if info is not None and not info.is_archive
-        } | {n[: -len(_files.OWNER_SUFFIX)] for n in names if n.endswith(_files.OWNER_SUFFIX)}
-        idents -= exclude
-        if any(_files.writer_alive(directory, i) for i in idents):
+        if any(_files.writer_liveness(directory, names, skip=exclude).values()):
             return -1
         removed = 0
         for name in names:
             info = _files.parse_name(name)
-            is_owner = name.endswith(_files.OWNER_SUFFIX)
-            if (info is not None or is_owner) and (
-                (info.ident if info else name[: -len(_files.OWNER_SUFFIX)]) not in exclude
-            ):
+            ident = _files.writer_ident(name)
+            archive = info is not None and info.is_archive
+            if archive or (ident is not None and ident not in exclude):
                 _files._unlink_quietly(os.path.join(directory, name))
                 removed += 1
         previous = read_manifest(directory)

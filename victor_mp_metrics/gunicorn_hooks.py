@@ -94,7 +94,6 @@ class Compactor:
         self.interval = interval
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._idle = threading.Event()
         self._thread = threading.Thread(target=self._run, name="victor-compactor", daemon=True)
 
     def start(self) -> None:
@@ -102,11 +101,7 @@ class Compactor:
 
     def request(self) -> None:
         """Ask for a compaction soon (returns at once)."""
-        self._idle.clear()
         self._wake.set()
-
-    def wait_idle(self, timeout: float) -> bool:
-        return self._idle.wait(timeout)
 
     def stop(self) -> None:
         self._stop.set()
@@ -120,8 +115,6 @@ class Compactor:
             if self._stop.is_set():
                 break
             run_compaction(self.directory)
-            if not self._wake.is_set():
-                self._idle.set()
 
 
 def run_compaction(directory: str) -> compaction.CompactionResult | None:
