@@ -25,6 +25,7 @@ __all__ = ["app", "create_app"]
 
 DEFAULT_SANDBOX = str(Path(__file__).resolve().parent / "sandbox")
 MAX_BODY_BYTES = 1024 * 1024
+MAX_BODY_ENV = "VICTOR_MAX_BODY_BYTES"
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -37,12 +38,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
       ``read_file`` tool may read.
     - ``VICTOR_APP_TOOL_CACHE_ENTRIES`` (``256``): capacity of the tool-selection cache.
 
-    ``MAX_CONTENT_LENGTH`` defaults to 1 MiB. Metrics settings (``VICTOR_METRICS_*``) are
-    read by victor_mp_metrics itself. Raises :class:`ValueError` on a bad value.
+    The request body limit is ``config["MAX_CONTENT_LENGTH"]``, else the environment
+    variable ``VICTOR_MAX_BODY_BYTES``, else 1 MiB: a whole number of bytes >= 1. A larger
+    body answers 413 (JSON) before it is read past the limit, chunked bodies included
+    (Werkzeug enforces it on the ``wsgi.input_terminated`` stream Gunicorn provides).
+
+    Metrics settings (``VICTOR_METRICS_*``) are read by victor_mp_metrics itself. Raises
+    :class:`ValueError` on a bad value.
     """
     app = Flask(__name__)
     app.config.from_mapping(config or {})
-    app.config.setdefault("MAX_CONTENT_LENGTH", MAX_BODY_BYTES)
+    # Flask's defaults already hold MAX_CONTENT_LENGTH=None, so setdefault() would not set it.
+    _setting(app, "MAX_CONTENT_LENGTH", _body_bytes, str(MAX_BODY_BYTES), env=MAX_BODY_ENV)
     latency_ms = _setting(app, "VICTOR_APP_LLM_LATENCY_MS", _milliseconds, "5")
     sandbox = _setting(app, "VICTOR_APP_SANDBOX", _directory, DEFAULT_SANDBOX)
     entries = _setting(app, "VICTOR_APP_TOOL_CACHE_ENTRIES", _positive_int, "256")
@@ -56,12 +63,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
-def _setting(app: Flask, key: str, parse: Callable[[str], Any], default: str) -> Any:
-    """Parse ``key`` from the config, else the environment (empty = unset), else ``default``."""
+def _setting(
+    app: Flask, key: str, parse: Callable[[str], Any], default: str, env: str | None = None
+) -> Any:
+    """Parse ``key`` from the config, else the environment variable ``env`` (``key`` when
+    None; empty = unset), else ``default``; store the parsed value in the config."""
+    env = key if env is None else env
     if app.config.get(key) is not None:
         raw, source = str(app.config[key]), f"config[{key!r}]"
-    elif os.environ.get(key):
-        raw, source = os.environ[key], f"the environment variable {key}"
+    elif os.environ.get(env):
+        raw, source = os.environ[env], f"the environment variable {env}"
     else:
         raw, source = default, f"the default of {key}"
     try:
@@ -89,6 +100,16 @@ def _positive_int(raw: str) -> int:
         value = 0
     if value < 1:
         raise ValueError("a whole number >= 1, such as 256")
+    return value
+
+
+def _body_bytes(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"a whole number of bytes >= 1, such as {MAX_BODY_BYTES} (1 MiB)")
     return value
 
 

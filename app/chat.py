@@ -6,8 +6,10 @@
      "tools": ["read_file:notes.txt", "word_count"],   optional, "name" or "name:argument"
      "simulate_error": "rate_limit"}            optional: rate_limit, timeout, server_error
 
-A field given as ``null`` counts as absent. Anything else raises :class:`InvalidRequest`,
-whose message says what is wrong and what is accepted; the API answers 400 with it.
+A field given as ``null`` counts as absent. Strings must be valid Unicode text: a lone
+surrogate such as ``"\\ud800"`` (legal in JSON, not encodable as UTF-8) is refused. Anything
+else raises :class:`InvalidRequest`, whose message says what is wrong and what is accepted;
+the API answers 400 with it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ def _choices(values: Iterable[str]) -> str:
     return ", ".join(repr(v) for v in values)
 
 
+def _text(value: str, what: str) -> str:
+    """``value`` if it encodes as UTF-8; a lone surrogate would fail deep inside a tool."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequest(
+            f"{what} is not valid Unicode text: lone surrogate "
+            f"{value[err.start]!r} at index {err.start}"
+        ) from None
+    return value
+
+
 def _optional_str(payload: dict[str, Any], name: str) -> str | None:
     value = payload.get(name)
     if value is not None and not isinstance(value, str):
@@ -70,6 +84,7 @@ def parse_chat_request(payload: Any) -> ChatRequest:
         raise InvalidRequest(f"'message' must be a string, got {type(message).__name__}")
     if not message.strip():
         raise InvalidRequest("'message' must not be empty")
+    _text(message, "'message'")
 
     provider = _optional_str(payload, "provider")
     if provider is None:
@@ -114,7 +129,7 @@ def _parse_tool(item: Any) -> ToolCall:
         raise InvalidRequest(
             f'each tool must be a string "name" or "name:argument", got {type(item).__name__}'
         )
-    name, sep, argument = item.partition(":")
+    name, sep, argument = _text(item, "each tool").partition(":")
     tool = TOOLS.get(name)
     if tool is None:
         raise InvalidRequest(f"unknown tool {name!r}; known tools: {_choices(TOOLS)}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from victor_mp_metrics.flask_ext import set_error_type
@@ -43,7 +43,7 @@ def _services() -> VictorAI:
 def chat() -> tuple[Response, int] | Response:
     """Run the requested tools, then ask the LLM; answer with its reply and the results."""
     try:
-        payload = json.loads(request.get_data())
+        payload = json.loads(_read_body())
     except ValueError as err:
         raise InvalidRequest(f"the body is not valid JSON: {err}") from None
     except RecursionError:
@@ -79,6 +79,23 @@ def chat() -> tuple[Response, int] | Response:
         tools=results,
         tool_selection=selection,
     )
+
+
+def _read_body() -> bytes:
+    """The request body, at most ``MAX_CONTENT_LENGTH`` bytes; 413 when it is longer.
+
+    Werkzeug refuses a too-large ``Content-Length`` before reading, but a streamed body
+    (chunked, on the ``wsgi.input_terminated`` stream Gunicorn provides) is only read up
+    to the limit and then handed over truncated, without an error. One more byte from the
+    server's stream tells "exactly the limit" from "longer": the latter is a 413, and the
+    rest of the body is never read.
+    """
+    data = request.get_data()
+    limit = request.max_content_length
+    streamed = request.content_length is None
+    if limit is not None and streamed and len(data) >= limit and request.input_stream.read(1):
+        raise RequestEntityTooLarge()
+    return data
 
 
 def _summary(result: dict[str, Any]) -> str:
