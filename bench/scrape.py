@@ -13,7 +13,7 @@ The files are produced by real writer subprocesses using the library (one per di
 layout), then copied under new writer idents, each copy's values scaled a little.
 
 Measured: stock ``MultiProcessCollector.collect()`` on ``stock``; our
-``DirectoryCollector.collect()`` on ``ours`` before and after ``compaction.compact()``,
+``DirectoryReader.collect()`` on ``ours`` before and after ``_mpdir.compact()``,
 cold (the first scrape of a new collector) and warm (the same collector again); the text
 exposition (``generate_latest``) for stock and for ours after compaction. A scrape is the
 full collect, samples materialised. Timed scrapes run in fresh subprocesses, in rounds
@@ -61,8 +61,8 @@ from _common import CLOCKS, ROOT, Verdicts, library, load_average, median, ms, r
 from prometheus_client import CollectorRegistry, Metric, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from victor_mp_metrics import _files, compaction
-from victor_mp_metrics.aggregate import DirectoryCollector
+from victor_mp_metrics import _mpdir
+from victor_mp_metrics._mpdir import DirectoryReader
 
 LIVE_WORKERS = 8
 LAYOUTS = ("full", "short")
@@ -75,7 +75,7 @@ Entries = list[tuple[str, float, float]]
 def write_layout(layout: str) -> None:
     """In a subprocess with PROMETHEUS_MULTIPROC_DIR set: write one worker's catalog."""
     library()
-    from victor_mp_metrics import _state
+    from victor_mp_metrics import _runtime
     from victor_mp_metrics.catalog import get_catalog
     from victor_mp_metrics.instrument import (
         record_cache_hit,
@@ -88,7 +88,7 @@ def write_layout(layout: str) -> None:
         track_tool,
     )
 
-    _state.configure()
+    _runtime.configure()
     full = layout == "full"
     endpoints = ["/chat", "/healthz", "/v1/sessions", "/v1/tools", "<unmatched>"]
     methods = ["GET", "POST"]
@@ -164,13 +164,13 @@ def make_templates(workdir: Path) -> dict[str, dict[str, Entries]]:
         directory = workdir / f"layout-{layout}"
         kinds: dict[str, Entries] = {}
         for name in sorted(os.listdir(directory)):
-            info = _files.parse_name(name)
+            info = _mpdir.parse_name(name)
             if info is None:
                 continue
-            data = _files.read_file(str(directory / name))
+            data, _stat = _mpdir._fs.read_data(str(directory), name)
             kinds[info.kind] = [
                 (raw.decode(), value, ts)
-                for raw, value, ts, _pos in _files.iter_entries(data, len(data))
+                for raw, value, ts, _pos in _mpdir._format.iter_entries(data, len(data))
             ]
         templates[layout] = kinds
     return templates
@@ -189,7 +189,8 @@ def _write_worker(
             rows = [(k, v, t + later if t else t) for k, v, t in entries]
         else:
             rows = [(k, v * scale, t) for k, v, t in entries]
-        _files.write_file_atomically(str(directory / f"{kind}_{ident}.db"), rows)
+        body, size = _mpdir._format.encode_file(rows)
+        _mpdir.write_file(str(directory / f"{kind}_{ident}.db"), body, size)
 
 
 def build(
@@ -203,7 +204,7 @@ def build(
     fds = []
     for i in range(LIVE_WORKERS):
         ident = f"{100_000 + i}-{secrets.token_hex(4)}"
-        fds.append(_files.create_owner_file(str(ours), ident))
+        fds.append(_mpdir.create_owner_file(str(ours), ident))
         _write_worker(ours, ident, templates["full"], 1.0 + i / 10, i + 1.0)
     dead_idents = set()
     for j in range(dead):
@@ -212,9 +213,9 @@ def build(
         layout = "short" if j % 4 == 3 else "full"
         _write_worker(ours, ident, templates[layout], 0.5 + (j % 17) / 10, -1.0 - j)
         if j % 2 == 0:  # owner file left behind, unlocked; else none at all
-            os.close(_files.create_owner_file(str(ours), ident))
+            os.close(_mpdir.create_owner_file(str(ours), ident))
     for name in os.listdir(ours):
-        info = _files.parse_name(name)
+        info = _mpdir.parse_name(name)
         if info is None or (info.is_live_gauge and info.ident in dead_idents):
             continue  # stock's child_exit hook calls mark_process_dead on live gauges
         os.link(ours / name, stock / name)
@@ -248,7 +249,7 @@ def stock_text(directory: Path) -> Callable[[], object]:
     return run
 
 
-def ours_text(collector: DirectoryCollector) -> Callable[[], object]:
+def ours_text(collector: DirectoryReader) -> Callable[[], object]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)  # type: ignore[arg-type]
     return lambda: generate_latest(registry)
@@ -270,7 +271,7 @@ def sample_count(families: Iterable[Metric]) -> int:
     return sum(len(f.samples) for f in families)
 
 
-def profile(collector: DirectoryCollector, reps: int) -> str:
+def profile(collector: DirectoryReader, reps: int) -> str:
     from pyinstrument import Profiler
 
     profiler = Profiler(interval=0.0001)
@@ -304,7 +305,7 @@ def child(kind: str, directories: list[str], calls: int, clock_name: str) -> Non
         elif kind == "stock_text":
             fns.append(stock_text(Path(directory)))
         else:
-            collector = DirectoryCollector(directory)
+            collector = DirectoryReader(directory)
             fns.append(ours_text(collector) if kind == "ours_text" else collector.collect)
 
     def timed(fn: Callable[[], object]) -> float:
@@ -362,14 +363,14 @@ class Case:
         self.before_stats = dir_stats(self.uncompacted)
 
         started = clock()
-        result = compaction.compact(str(self.ours))
+        result = _mpdir.compact(str(self.ours))
         self.compact_time = clock() - started
         self.absorbed = len(result.absorbed)
         self.after_stats = dir_stats(self.ours)
 
         stock = list(MultiProcessCollector(None, str(self.stock)).collect())
-        uncomp = DirectoryCollector(str(self.uncompacted)).collect()
-        comp = DirectoryCollector(str(self.ours)).collect()
+        uncomp = DirectoryReader(str(self.uncompacted)).collect()
+        comp = DirectoryReader(str(self.ours)).collect()
         self.samples = [sample_count(f) for f in (stock, uncomp, comp)]
         reference = samples(stock)
         self.same = [same(reference, samples(uncomp)), same(reference, samples(comp))]
@@ -494,10 +495,10 @@ def main() -> int:
         last = cases[-1]
         if failed or args.profile:
             print(
-                f"\npyinstrument: 200 warm DirectoryCollector.collect() at K={last.dead}, "
+                f"\npyinstrument: 200 warm DirectoryReader.collect() at K={last.dead}, "
                 "after compaction (wall clock)"
             )
-            collector = DirectoryCollector(str(last.ours))
+            collector = DirectoryReader(str(last.ours))
             collector.collect()
             print(profile(collector, 200))
         return 1 if failed else 0

@@ -5,7 +5,7 @@ fresh directory on tmpfs:
 
 * ``stock``: PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported; plain
   ``Counter``/``Gauge``/``Histogram`` objects created once, as an app would;
-* ``ours``: ``victor_mp_metrics._state.configure()``, then the catalog, the custom
+* ``ours``: ``victor_mp_metrics._runtime.configure()``, then the catalog, the custom
   registry, ``MetricsCollector`` and the ``instrument`` helpers;
 * ``disabled`` (for information): ours with ``VICTOR_METRICS_ENABLED=false``.
 
@@ -205,7 +205,7 @@ def stock_ops() -> dict[str, Callable[[], object]]:
 
 def ours_ops() -> dict[str, Callable[[], object]]:
     """The rows done through our API (PROMETHEUS_MULTIPROC_DIR set; maybe disabled)."""
-    from victor_mp_metrics import _state
+    from victor_mp_metrics import _runtime
     from victor_mp_metrics.catalog import MS_BUCKETS as CATALOG_MS_BUCKETS
     from victor_mp_metrics.catalog import get_catalog
     from victor_mp_metrics.collector import MetricsCollector
@@ -220,7 +220,7 @@ def ours_ops() -> dict[str, Callable[[], object]]:
     from victor_mp_metrics.registry import get_prometheus_registry
 
     assert CATALOG_MS_BUCKETS == MS_BUCKETS, "keep the stock side's buckets equal to ours"
-    _state.configure()
+    _runtime.configure()
     catalog = get_catalog()
     registry = get_prometheus_registry()
     plain = registry.counter("bench_plain_total", "h")
@@ -308,9 +308,9 @@ def ours_ops() -> dict[str, Callable[[], object]]:
 
 def check_ours_wrote(directory: str) -> None:
     """Fail loudly if our values did not go to files (the comparison would be unfair)."""
-    from victor_mp_metrics import _values
+    from victor_mp_metrics import _runtime
 
-    store = _values.current_store()
+    store = _runtime.RUNTIME.store
     if store is None or store.failing or not store.files:
         raise SystemExit(f"victor_mp_metrics is not writing files in {directory}")
 

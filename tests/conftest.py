@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from victor_mp_metrics import _state
+from victor_mp_metrics import _runtime
 
 _OUR_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 
@@ -19,9 +19,9 @@ def _fresh_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in list(os.environ):
         if name.startswith("VICTOR_") or name in _OUR_ENV:
             monkeypatch.delenv(name, raising=False)
-    _state.reset()
+    _runtime.reset()
     yield
-    _state.reset()
+    _runtime.reset()
 
 
 @pytest.fixture
@@ -30,5 +30,5 @@ def metrics_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "metrics"
     path.mkdir(mode=0o700)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(path))
-    _state.configure()
+    _runtime.configure()
     return path

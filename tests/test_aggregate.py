@@ -10,13 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from victor_mp_metrics import _files
-from victor_mp_metrics.aggregate import DirectoryCollector
-from victor_mp_metrics.compaction import compact
+from victor_mp_metrics import _mpdir
+from victor_mp_metrics._mpdir import DirectoryReader, compact
 
-from ._dirs import live_owner, ours, stock, write_data_file
+from ._dirs import live_owner, ours, read_data_file, stock, write_data_file
 
-_MODES = sorted(_files.GAUGE_MODES)
+_MODES = sorted(_mpdir._names.GAUGE_MODES)
 _values = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False).map(lambda v: round(v, 3))
 _labels = st.sampled_from([{}, {"a": "x"}, {"a": "y"}, {"a": "x", "b": "ü z"}])
 
@@ -69,7 +68,7 @@ def test_same_samples_as_stock_collector(tmp_path_factory, spec):
         expected = stock(directory)
         assert expected == ours(directory)
         # A second scrape (all caches warm) still agrees.
-        collector = DirectoryCollector(str(directory))
+        collector = DirectoryReader(str(directory))
         collector.collect()
         from ._dirs import samples
 
@@ -139,17 +138,15 @@ def test_corrupt_file_is_skipped_counted_and_quarantined(tmp_path: Path, caplog,
     """A corrupt file of a dead writer never fails a scrape; it is logged once and moved."""
     write_data_file(tmp_path, "counter", str(2**22 + 1), [("req", "req_total", {}, 4.0, 0)])
     (tmp_path / f"counter_{2**22 + 2}.db").write_bytes(content)
-    collector = DirectoryCollector(str(tmp_path))
+    collector = DirectoryReader(str(tmp_path))
     with caplog.at_level(logging.ERROR, logger="victor_mp_metrics"):
-        first = collector.collect()
-        second = collector.collect()
+        first, report1 = collector.read()
+        second, report2 = collector.read()
     from ._dirs import samples
 
     assert {("req_total", ()): 4.0} == samples(first) == samples(second)
-    assert 1 == collector.stats.corrupt_files
-    from victor_mp_metrics import selfmetrics
-
-    assert 1.0 == selfmetrics.counter("corrupt_files")._value.get()
+    assert 1 == report1.corrupt + report2.corrupt
+    assert 1 == report1.quarantined
     assert 1 == sum("corrupt" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / f"counter_{2**22 + 2}.db").exists()
     assert 1 == len(os.listdir(tmp_path / "quarantine"))
@@ -161,9 +158,9 @@ def test_counts_files_and_bytes_read(tmp_path: Path):
     fd = live_owner(tmp_path, ident)
     try:
         path = write_data_file(tmp_path, "counter", ident, [("req", "req_total", {}, 1.0, 0)])
-        collector = DirectoryCollector(str(tmp_path))
-        collector.collect()
-        assert 1 == collector.stats.last_files
-        assert _files.read_file(str(path)).__len__() == collector.stats.last_bytes
+        collector = DirectoryReader(str(tmp_path))
+        _families, report = collector.read()
+        assert 1 == report.files
+        assert read_data_file(str(path)).__len__() == report.nbytes
     finally:
         os.close(fd)

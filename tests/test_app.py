@@ -19,8 +19,8 @@ from app.coordinator import ToolSelectionCache
 from app.routes import EXTENSION_KEY
 from app.tools import TOOLS, Tool
 from victor_mp_metrics import configure
+from victor_mp_metrics._exposition import DISABLED_BODY, gather
 from victor_mp_metrics.catalog import CATALOG
-from victor_mp_metrics.exposition import DISABLED_BODY, gather
 from victor_mp_metrics.flask_ext import UNMATCHED
 
 SANDBOX = Path(app_package.__file__).parent / "sandbox"

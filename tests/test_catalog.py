@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from victor_mp_metrics import _state
+from victor_mp_metrics import _runtime
 from victor_mp_metrics._metrics import NoopMetric
 from victor_mp_metrics.catalog import (
     CATALOG,
@@ -92,7 +92,7 @@ def test_exposed_names_are_the_guides() -> None:
             child.inc()
         else:
             child.set(1)
-    exposed = {s.name for f in _state.local_registry().collect() for s in f.samples}
+    exposed = {s.name for f in _runtime.local_registry().collect() for s in f.samples}
     for spec in written_specs():
         sample = spec.name + "_bucket" if spec.kind == "histogram" else spec.name
         assert sample in exposed, sample
@@ -107,14 +107,14 @@ def test_get_catalog_is_one_object_per_process() -> None:
     for t in threads:
         t.join()
     assert 1 == len({id(c) for c in found})
-    _state.reset()
+    _runtime.reset()
     assert found[0] is not get_catalog()
 
 
 def test_disabled_catalog_is_noop(metrics_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With metrics disabled every attribute is a no-op and no file is written."""
     monkeypatch.setenv("VICTOR_METRICS_ENABLED", "false")
-    _state.reset()
+    _runtime.reset()
     catalog = get_catalog()
     assert all(isinstance(getattr(catalog, f.name), NoopMetric) for f in fields(Catalog))
     catalog.requests_total.labels("/", "GET").inc()

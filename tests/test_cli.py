@@ -15,10 +15,10 @@ import pytest
 
 from tests._dirs import data_files, live_owner, ours, write_data_file
 from tests._gunicorn import ROOT, free_port, request
-from victor_mp_metrics import _doctor, _state
+from victor_mp_metrics import _doctor, _runtime
+from victor_mp_metrics._server import start_metrics_server
 from victor_mp_metrics.cli import main
 from victor_mp_metrics.exceptions import ConfigurationError
-from victor_mp_metrics.server import start_metrics_server
 from victor_mp_metrics.settings import load_settings
 
 LIVE = "1111-aaaaaaaa"
@@ -224,8 +224,9 @@ def test_doctor_world_writable_directory(
     code, lines, _ = run(capsys, "doctor", "--dir", str(healthy))
     assert 1 == code
     assert [
-        "FAIL  permissions: mode 0777: other users can plant or delete metric files, so the "
-        f"service refuses this directory. Fix: `chmod 700 {healthy}`."
+        f"FAIL  permissions: {healthy} is writable by other users (mode 0777), so they could "
+        "plant or delete metric files; the service refuses it. Fix: "
+        f"`chmod 700 {healthy}` or use a private directory."
     ] == fails(lines)
 
 
@@ -268,7 +269,7 @@ def test_doctor_url_needing_a_token(
     capsys: pytest.CaptureFixture[str], metrics_dir: Path
 ) -> None:
     """A protected endpoint FAILs with a hint without --token and is OK with the right one."""
-    _state.configure(_state.get_settings(), auth_token="t0ken")
+    _runtime.configure(_runtime.get_settings(), auth_token="t0ken")
     server = start_metrics_server(0, "127.0.0.1")
     url = f"http://127.0.0.1:{server.port}/metrics"
     try:

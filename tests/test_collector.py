@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from victor_mp_metrics import _state
+from victor_mp_metrics import _runtime
 from victor_mp_metrics.collector import MetricsCollector, quantile
 from victor_mp_metrics.exceptions import LabelError
 
@@ -30,7 +30,7 @@ ZERO = {
 
 
 def _value(name: str, **labels: str) -> float | None:
-    return _state.local_registry().get_sample_value(name, labels)
+    return _runtime.local_registry().get_sample_value(name, labels)
 
 
 def test_guide_snippet() -> None:
@@ -140,7 +140,7 @@ def test_multiprocess_summary_is_deployment_wide(metrics_dir: Path) -> None:
 def test_disabled_collector(metrics_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Disabled: recording is a no-op, the summary is all zero, no file is written."""
     monkeypatch.setenv("VICTOR_METRICS_ENABLED", "false")
-    _state.reset()
+    _runtime.reset()
     collector = MetricsCollector()
     collector.tool_calls.increment()
     collector.tool_errors.increment()

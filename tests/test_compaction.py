@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from victor_mp_metrics import _files
-from victor_mp_metrics.compaction import FAULT_POINTS, compact, recover, wipe_dead
-from victor_mp_metrics.manifest import read_manifest
+from victor_mp_metrics import _mpdir
+from victor_mp_metrics._mpdir import FAULT_POINTS, compact, read_manifest, recover, wipe_dead
 
 from ._dirs import data_files, live_owner, ours, stock
 
@@ -22,8 +21,8 @@ WRITER = textwrap.dedent(
     """
     import os, sys
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
-    from victor_mp_metrics import _state
-    _state.configure()
+    from victor_mp_metrics import _runtime
+    _runtime.configure()
     import prometheus_client as pc
     n = int(sys.argv[2])
     c = pc.Counter("req", "requests", ["route"], registry=None)
@@ -104,7 +103,7 @@ def test_directory_stays_bounded_over_many_restarts(tmp_path: Path):
 CRASHER = textwrap.dedent(
     """
     import os, sys
-    from victor_mp_metrics.compaction import compact
+    from victor_mp_metrics._mpdir import compact
     point = sys.argv[2]
     def fault(name):
         if name == point:
@@ -172,8 +171,8 @@ def test_wipe_removes_earlier_run_but_not_live_writers(tmp_path: Path):
 READER = textwrap.dedent(
     """
     import sys, time
-    from victor_mp_metrics.aggregate import DirectoryCollector
-    collector = DirectoryCollector(sys.argv[1])
+    from victor_mp_metrics._mpdir import DirectoryReader
+    collector = DirectoryReader(sys.argv[1])
     stop = sys.argv[2]
     import os
     while not os.path.exists(stop):
@@ -213,7 +212,7 @@ def test_concurrent_scrapes_never_see_totals_go_down(tmp_path: Path):
     final = sum(v for k, v in ours(directory).items() if k[0] in ("req_total", "lat_count"))
     assert 2.0 * sent == final
     assert seen[-1] <= final
-    assert all(_files.parse_name(n) is None or "archive" in n for n in os.listdir(directory))
+    assert all(_mpdir.parse_name(n) is None or "archive" in n for n in os.listdir(directory))
 
 
 def test_archive_caps_label_sets_per_metric_and_keeps_totals(tmp_path: Path):

@@ -1,10 +1,10 @@
-"""Tests of victor_mp_metrics.derived: the cache hit rate from aggregated totals."""
+"""Tests of victor_mp_metrics._derived: the cache hit rate from aggregated totals."""
 
 from __future__ import annotations
 
 from prometheus_client import Metric
 
-from victor_mp_metrics.derived import with_derived
+from victor_mp_metrics._derived import with_derived
 
 
 def _counter(family_name: str, sample: str, values: dict[str, float]) -> Metric:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from victor_mp_metrics.settings import SETTINGS, load_settings
+from victor_mp_metrics.settings import SETTINGS, load_deployment_settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -239,7 +239,7 @@ def test_env_is_a_valid_configuration(instructions: list[Instruction]) -> None:
     assert set(env) <= {s.env for s in SETTINGS}
     settings = load_settings(env)
     assert (
-        settings.bind,
+        load_deployment_settings(env).bind,
         settings.port,
         settings.multiproc_dir,
     ) == ("0.0.0.0:8000", 9090, METRICS_DIR)

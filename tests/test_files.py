@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from victor_mp_metrics import _files
+from victor_mp_metrics import _mpdir
 
-from ._dirs import live_owner, write_data_file
+from ._dirs import live_owner, read_data_file, write_data_file, write_entries
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ from ._dirs import live_owner, write_data_file
 )
 def test_parse_name_reads_kind_mode_ident(name, kind, mode, ident, generation):
     """Data file names give kind, gauge mode, writer ident and archive generation."""
-    info = _files.parse_name(name)
+    info = _mpdir.parse_name(name)
     assert info is not None
     assert (kind, mode, ident, generation) == (info.kind, info.mode, info.ident, info.generation)
 
@@ -36,16 +36,16 @@ def test_parse_name_reads_kind_mode_ident(name, kind, mode, ident, generation):
 )
 def test_parse_name_ignores_other_files(name):
     """Names that are not data files are not mistaken for them."""
-    assert _files.parse_name(name) is None
+    assert _mpdir.parse_name(name) is None
 
 
 def test_entries_round_trip(tmp_path: Path):
     """What write_file_atomically writes, iter_entries reads back in order."""
     rows = [("k1", 1.5, 0.0), ("a longer key with ünïcode", -2.0, 123.25)]
     path = tmp_path / "counter_1.db"
-    _files.write_file_atomically(str(path), rows)
-    data = _files.read_file(str(path))
-    got = [(k.decode(), v, t) for k, v, t, _ in _files.iter_entries(data, len(data))]
+    write_entries(str(path), rows)
+    data = read_data_file(str(path))
+    got = [(k.decode(), v, t) for k, v, t, _ in _mpdir._format.iter_entries(data, len(data))]
     assert rows == got
     assert 0o600 == path.stat().st_mode & 0o777
 
@@ -59,11 +59,11 @@ def test_entries_round_trip(tmp_path: Path):
     ],
 )
 def test_read_file_rejects_corrupt_headers(tmp_path: Path, content: bytes, problem: str):
-    """A 0-byte or truncated file raises CorruptFile saying what is wrong."""
+    """A 0-byte or truncated file is Unreadable, saying what is wrong."""
     path = tmp_path / "counter_1.db"
     path.write_bytes(content)
-    with pytest.raises(_files.CorruptFile, match=problem):
-        _files.read_file(str(path))
+    with pytest.raises(_mpdir.Unreadable, match=problem):
+        read_data_file(str(path))
 
 
 def test_read_file_does_not_follow_symlinks(tmp_path: Path):
@@ -71,24 +71,24 @@ def test_read_file_does_not_follow_symlinks(tmp_path: Path):
     target = tmp_path / "secret"
     target.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"x" * 8)
     (tmp_path / "counter_1.db").symlink_to(target)
-    with pytest.raises(OSError):
-        _files.read_file(str(tmp_path / "counter_1.db"))
+    with pytest.raises(_mpdir.Unreadable, match="symbolic link"):
+        read_data_file(str(tmp_path / "counter_1.db"))
 
 
 def test_writer_alive_while_owner_lock_held(tmp_path: Path):
     """A writer is alive exactly while its owner file is locked."""
-    ident = _files.new_ident()
+    ident = _mpdir._names.new_ident()
     fd = live_owner(tmp_path, ident)
-    assert _files.writer_alive(str(tmp_path), ident)
+    assert _mpdir.writer_alive(str(tmp_path), ident)
     os.close(fd)
-    assert not _files.writer_alive(str(tmp_path), ident)
+    assert not _mpdir.writer_alive(str(tmp_path), ident)
 
 
 def test_writer_dead_after_process_killed(tmp_path: Path):
     """The kernel releases a killed writer's lock: it is dead, though its files remain."""
     code = (
-        "import os, sys, time; from victor_mp_metrics import _files;"
-        "_files.create_owner_file(sys.argv[1], sys.argv[2]); print('ready', flush=True);"
+        "import os, sys, time; from victor_mp_metrics import _mpdir;"
+        "_mpdir.create_owner_file(sys.argv[1], sys.argv[2]); print('ready', flush=True);"
         "time.sleep(60)"
     )
     ident = "999999-abcdef01"
@@ -97,28 +97,28 @@ def test_writer_dead_after_process_killed(tmp_path: Path):
     ) as proc:
         try:
             assert b"ready\n" == proc.stdout.readline()
-            assert _files.writer_alive(str(tmp_path), ident)
+            assert _mpdir.writer_alive(str(tmp_path), ident)
         finally:
             proc.kill()
             proc.wait(10)
         assert (tmp_path / f"{ident}.owner").exists()
-        assert not _files.writer_alive(str(tmp_path), ident)
+        assert not _mpdir.writer_alive(str(tmp_path), ident)
 
 
 def test_reused_pid_does_not_revive_dead_writer(tmp_path: Path):
     """A dead writer whose pid now belongs to a live process (ours) is still dead."""
     ident = f"{os.getpid()}-0badc0de"
     os.close(live_owner(tmp_path, ident))  # owner file exists, lock released: writer died
-    assert not _files.writer_alive(str(tmp_path), ident)
+    assert not _mpdir.writer_alive(str(tmp_path), ident)
 
 
 def test_stock_writer_file_older_than_process_is_dead(tmp_path: Path):
     """A stock file named after a live pid, last written before that process started, is dead."""
     path = write_data_file(tmp_path, "counter", str(os.getpid()), [("c", "c_total", {}, 1, 0)])
-    assert _files.writer_alive(str(tmp_path), str(os.getpid()), str(path))
+    assert _mpdir.writer_alive(str(tmp_path), str(os.getpid()), str(path))
     old = time.time() - 10 * 365 * 86400
     os.utime(path, (old, old))
-    assert not _files.writer_alive(str(tmp_path), str(os.getpid()), str(path))
+    assert not _mpdir.writer_alive(str(tmp_path), str(os.getpid()), str(path))
 
 
 def test_stock_writer_with_exited_pid_is_dead(tmp_path: Path):
@@ -127,4 +127,4 @@ def test_stock_writer_with_exited_pid_is_dead(tmp_path: Path):
                           capture_output=True, text=True, check=True)
     pid = proc.stdout.strip()
     path = write_data_file(tmp_path, "counter", pid, [("c", "c_total", {}, 1, 0)])
-    assert not _files.writer_alive(str(tmp_path), pid, str(path))
+    assert not _mpdir.writer_alive(str(tmp_path), pid, str(path))

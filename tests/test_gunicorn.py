@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from victor_mp_metrics._exposition import DISABLED_BODY
 from victor_mp_metrics.catalog import CATALOG
-from victor_mp_metrics.exposition import DISABLED_BODY
 from victor_mp_metrics.gunicorn_hooks import default_directory
 
 from ._gunicorn import Gunicorn, Response, free_port, gunicorn, parse_samples, request, total

@@ -8,10 +8,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from victor_mp_metrics import _metrics, _state, instrument
+from victor_mp_metrics import _metrics, _runtime, instrument
+from victor_mp_metrics._exposition import gather
 from victor_mp_metrics.catalog import get_catalog
 from victor_mp_metrics.collector import MetricsCollector
-from victor_mp_metrics.exposition import gather
 from victor_mp_metrics.instrument import (
     record_cache_hit,
     record_cache_miss,
@@ -26,7 +26,7 @@ from victor_mp_metrics.registry import get_prometheus_registry
 
 
 def _value(name: str, **labels: str) -> float | None:
-    return _state.local_registry().get_sample_value(name, labels)
+    return _runtime.local_registry().get_sample_value(name, labels)
 
 
 class RateLimited(Exception):
@@ -142,7 +142,8 @@ def test_request_in_flight() -> None:
 
 @pytest.mark.parametrize(
     ("status", "error_type", "recorded"),
-    [(200, None, None), (404, None, None), (429, None, "rate_limit"), (503, None, "http_503"),
+    [(200, None, None), (404, None, "not_found"), (429, None, "rate_limit"),
+     (503, None, "unavailable"),
      (200, "validation", "validation")],
 )  # fmt: skip
 def test_record_request(status: int, error_type: str | None, recorded: str | None) -> None:
@@ -154,7 +155,7 @@ def test_record_request(status: int, error_type: str | None, recorded: str | Non
     )
     errors = {
         s.labels["error_type"]: s.value
-        for f in _state.local_registry().collect()
+        for f in _runtime.local_registry().collect()
         for s in f.samples
         if s.name == "victor_request_errors_total"
     }
@@ -194,7 +195,7 @@ def test_multiprocess_helpers_reach_the_aggregate(metrics_dir: Path) -> None:
 def test_disabled_every_api_is_callable(metrics_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Disabled: every helper, the catalog, registry and collector work and write no file."""
     monkeypatch.setenv("VICTOR_METRICS_ENABLED", "false")
-    _state.reset()
+    _runtime.reset()
     with track_llm_call("p", "m") as call:
         call.record_tokens(prompt=1, completion=2)
         call.fail("x")

@@ -6,13 +6,13 @@ import logging
 
 import pytest
 
-from victor_mp_metrics import _metrics, _state, selfmetrics
+from victor_mp_metrics import _metrics, _runtime
 from victor_mp_metrics._metrics import NOOP, Counter, Gauge, Histogram, NoopMetric, Summary
 from victor_mp_metrics.exceptions import LabelError, MetricDefinitionError
 
 
 def _value(name: str, **labels: str) -> float | None:
-    return _state.local_registry().get_sample_value(name, labels)
+    return _runtime.local_registry().get_sample_value(name, labels)
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_duplicate_registration_is_a_definition_error() -> None:
 
 def test_guard_folds_new_label_sets_into_overflow(caplog: pytest.LogCaptureFixture) -> None:
     """Past max_series, new label sets share one __overflow__ child, counted, logged once."""
-    _state.configure(max_series=2)
+    _runtime.configure(max_series=2)
     metric = _metrics.new_metric("counter", "t_guarded_total", "help", ("user",))
     first, second = metric.labels("a"), metric.labels("b")
     with caplog.at_level(logging.WARNING, logger="victor_mp_metrics"):
@@ -191,11 +191,11 @@ def test_guard_folds_new_label_sets_into_overflow(caplog: pytest.LogCaptureFixtu
 
 def test_overflow_counter_is_not_guarded() -> None:
     """The overflow self-metric has no guard, so counting an overflow never recurses."""
-    _state.configure(max_series=1)
+    _runtime.configure(max_series=1)
     for name in ("a", "b", "c"):
         _metrics.new_metric("counter", f"t_{name}_total", "help", ("x",)).labels("1")
         _metrics.new_metric("counter", f"t_{name}_total_again", "help", ("x",))
-    overflow = selfmetrics.counter("series_overflow")
+    overflow = _runtime.self_counter("series_overflow")
     assert not isinstance(overflow, _metrics._Guarded)
     for name in ("a", "b", "c"):
         overflow.labels(name).inc()
@@ -225,7 +225,7 @@ def test_histogram_and_summary_children_record() -> None:
 
 def test_disabled_gives_noop_but_still_checks_definitions() -> None:
     """When disabled new_metric returns the no-op metric, yet a bad name is still refused."""
-    _state.configure(enabled=False)
+    _runtime.configure(enabled=False)
     assert NOOP is _metrics.new_metric("counter", "t_off_total", "help", ("x",))
     with pytest.raises(MetricDefinitionError):
         _metrics.new_metric("counter", "bad name", "help")

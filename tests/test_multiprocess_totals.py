@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from victor_mp_metrics._exposition import gather
 from victor_mp_metrics.catalog import get_catalog
-from victor_mp_metrics.exposition import gather
 from victor_mp_metrics.instrument import (
     record_cache_hit,
     record_cache_miss,
@@ -66,7 +66,7 @@ def test_counters_and_histograms_add_up(metrics_dir: Path) -> None:
     values = _values()
     n = WORKERS * REQUESTS
     assert n + WORKERS == values[("victor_requests_total", CHAT)]
-    errors = (("endpoint", "/chat"), ("error_type", "http_503"), ("method", "POST"))
+    errors = (("endpoint", "/chat"), ("error_type", "unavailable"), ("method", "POST"))
     assert WORKERS == values[("victor_request_errors_total", errors)]
     bucket = "victor_request_duration_ms_bucket"
     assert 0.0 == values[(bucket, (("endpoint", "/chat"), ("le", "5.0"), ("method", "POST")))]

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from victor_mp_metrics import _state
+from victor_mp_metrics import _runtime
+from victor_mp_metrics._exposition import gather
 from victor_mp_metrics._metrics import NoopMetric
 from victor_mp_metrics.catalog import get_catalog
 from victor_mp_metrics.exceptions import LabelError, MetricDefinitionError
-from victor_mp_metrics.exposition import gather
 from victor_mp_metrics.registry import (
     BoundMetric,
     PrometheusRegistry,
@@ -26,7 +26,7 @@ def registry() -> PrometheusRegistry:
 
 
 def _value(name: str, **labels: str) -> float | None:
-    return _state.local_registry().get_sample_value(name, labels)
+    return _runtime.local_registry().get_sample_value(name, labels)
 
 
 def _conflict(
@@ -50,7 +50,7 @@ def test_guide_example(registry: PrometheusRegistry) -> None:
     registry.histogram(
         name="operation_latency_ms", help="Operation latency", buckets=[10, 50, 100, 500, 1000]
     ).observe(75)
-    text = generate_latest(_state.local_registry()).decode().splitlines()
+    text = generate_latest(_runtime.local_registry()).decode().splitlines()
     assert 'custom_operations_total{service="my_service"} 1.0' in text
     assert "queue_size 10.0" in text
     assert 'operation_latency_ms_bucket{le="100.0"} 1.0' in text
@@ -61,7 +61,7 @@ def test_one_registry_per_process() -> None:
     """get_prometheus_registry() returns one object until reset()."""
     first = get_prometheus_registry()
     assert first is get_prometheus_registry()
-    _state.reset()
+    _runtime.reset()
     assert first is not get_prometheus_registry()
 
 
@@ -248,7 +248,7 @@ def test_disabled_registry_is_noop_but_checks(
 ) -> None:
     """Disabled: every kind returns a no-op, conflicts still raise, no file is written."""
     monkeypatch.setenv("VICTOR_METRICS_ENABLED", "false")
-    _state.reset()
+    _runtime.reset()
     registry = get_prometheus_registry()
     made = [
         registry.counter("a_total", "h", labels={"s": "x"}, label_names=("k",)),

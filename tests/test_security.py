@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 from flask import Flask
 
-from victor_mp_metrics import _state, start_metrics_server
+from victor_mp_metrics import _runtime, start_metrics_server
 from victor_mp_metrics.flask_ext import VictorMetrics
 
 from ._dirs import ours
@@ -112,7 +112,7 @@ def test_disabled_metrics_write_no_files(tmp_path: Path, monkeypatch):
     directory.mkdir(mode=0o700)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
     monkeypatch.setenv("VICTOR_METRICS_ENABLED", "false")
-    _state.configure()
+    _runtime.configure()
     client = _app().test_client()
     assert 200 == client.get("/items/3").status_code
     resp = client.get("/metrics")

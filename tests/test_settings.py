@@ -6,8 +6,13 @@ import re
 
 import pytest
 
-from victor_mp_metrics import ConfigurationError, load_settings
-from victor_mp_metrics.settings import SETTINGS, Settings, settings_table_markdown
+from victor_mp_metrics import ConfigurationError, load_deployment_settings, load_settings
+from victor_mp_metrics.settings import (
+    SETTINGS,
+    DeploymentSettings,
+    Settings,
+    settings_table_markdown,
+)
 
 from ._gunicorn import ROOT
 
@@ -35,13 +40,21 @@ def test_every_setting_has_bad_value_cases():
     assert {s.env for s in SETTINGS} == set(BAD_VALUES)
 
 
+def _load(env: str, value: str) -> Settings | DeploymentSettings:
+    """Load the section ``env`` belongs to."""
+    section = next(s for s in SETTINGS if s.env == env).section
+    return load_settings({env: value}) if section == "library" else load_deployment_settings(
+        {env: value}
+    )
+
+
 @pytest.mark.parametrize(
     ("env", "value"), [(env, value) for env, values in BAD_VALUES.items() for value in values]
 )
 def test_malformed_value_names_variable_value_and_what_is_accepted(env: str, value: str):
     """A bad value raises ConfigurationError naming the variable, the value and the fix."""
     with pytest.raises(ConfigurationError) as caught:
-        load_settings({env: value})
+        _load(env, value)
     message = str(caught.value)
     assert message.startswith(f"{env}=")
     assert "expected" in message and f"unset {env}" in message
@@ -66,14 +79,29 @@ def test_malformed_value_names_variable_value_and_what_is_accepted(env: str, val
 )
 def test_good_values_parse(env: str, value: str, field: str, expected):
     """Accepted spellings parse to typed values; an empty variable counts as unset."""
-    assert expected == getattr(load_settings({env: value}), field)
+    assert expected == getattr(_load(env, value), field)
 
 
 def test_defaults_match_the_settings_object():
-    """The table's defaults and the Settings dataclass agree."""
-    defaults = Settings()
+    """The table's defaults and the two settings dataclasses agree, section by section."""
     for setting in SETTINGS:
+        defaults = Settings() if setting.section == "library" else DeploymentSettings()
         assert setting.default == getattr(defaults, setting.name), setting.env
+
+
+def test_a_bad_deployment_value_never_breaks_the_library(monkeypatch, tmp_path):
+    """VICTOR_TIMEOUT=abc & co. are gunicorn.conf.py's business: metrics still record."""
+    from victor_mp_metrics import MetricsCollector, _runtime
+
+    for env, value in (("VICTOR_TIMEOUT", "abc"), ("VICTOR_WORKERS", "many"),
+                       ("VICTOR_BIND", "nowhere")):
+        monkeypatch.setenv(env, value)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "m"))
+    MetricsCollector().tool_calls.increment()
+    assert 1.0 == MetricsCollector().get_summary()["tool_calls"]
+    assert _runtime.get_settings().multiprocess
+    with pytest.raises(ConfigurationError, match="VICTOR_"):
+        load_deployment_settings()
 
 
 def test_unknown_override_is_refused():

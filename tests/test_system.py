@@ -1,4 +1,4 @@
-"""Tests of victor_mp_metrics.system: CPU, memory and uptime measured at collection time."""
+"""Tests of victor_mp_metrics._system: CPU, memory and uptime measured at collection time."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from victor_mp_metrics import system
+from victor_mp_metrics import _runtime
+from victor_mp_metrics import _system as system
 
 # The "master" starts one child that keeps a CPU busy, then sleeps.
 _MASTER = (
@@ -32,12 +33,12 @@ def _values() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 @pytest.fixture
 def master(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[psutil.Process, psutil.Process]]:
-    """A fake Gunicorn master with a spinning child, named in VICTOR_METRICS_MASTER_PID."""
+    """A fake Gunicorn master with a spinning child, named as the runtime's master pid."""
     proc = subprocess.Popen([sys.executable, "-c", _MASTER], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         child = psutil.Process(int(proc.stdout.readline()))
-        monkeypatch.setenv(system.MASTER_PID_ENV, str(proc.pid))
+        monkeypatch.setattr(_runtime.RUNTIME, "master_pid", proc.pid)
         yield psutil.Process(proc.pid), child
     finally:
         for p in psutil.Process(proc.pid).children(recursive=True):
@@ -57,7 +58,7 @@ def test_families_and_labels() -> None:
 
 
 def test_current_process_without_master() -> None:
-    """Without VICTOR_METRICS_MASTER_PID the current process is measured."""
+    """Without a master pid the current process is measured."""
     values = _values()
     me = psutil.Process()
     rss = values[("victor_system_memory_bytes", (("type", "rss"),))]
@@ -66,10 +67,9 @@ def test_current_process_without_master() -> None:
     assert abs(time.time() - me.create_time() - uptime) < 1.0
 
 
-@pytest.mark.parametrize("raw", ["not-a-pid", "999999999"])
-def test_bad_or_dead_master_pid_falls_back(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
-    """A master pid that is not a number or not running falls back to the current process."""
-    monkeypatch.setenv(system.MASTER_PID_ENV, raw)
+def test_dead_master_pid_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A master pid that is not running falls back to the current process."""
+    monkeypatch.setattr(_runtime.RUNTIME, "master_pid", 999999999)
     assert os.getpid() == system.root_process().pid
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import prometheus_client as pc
 import pytest
 
-from victor_mp_metrics import _state, _values, selfmetrics
+from victor_mp_metrics import UnsafeDirectoryError, _runtime
 
 from ._dirs import ours
 
@@ -24,7 +24,7 @@ def _counter(name: str = "jobs") -> pc.Counter:
 def test_files_are_private_and_named_after_a_unique_ident(metrics_dir: Path):
     """Each process writes 0600 files named {kind}_{pid}-{random}.db next to its owner lock."""
     _counter().inc()
-    store = _values.current_store()
+    store = _runtime.RUNTIME.store
     assert store is not None and store.ident is not None
     assert store.ident.startswith(f"{os.getpid()}-")
     for name in os.listdir(metrics_dir):
@@ -51,12 +51,12 @@ def test_missing_directory_keeps_counting_in_memory(tmp_path: Path, monkeypatch,
     blocker.write_text("not a directory")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(blocker / "metrics"))
     with caplog.at_level(logging.ERROR, logger="victor_mp_metrics"):
-        _state.configure()
+        _runtime.configure()
         counter = _counter()
         counter.inc(3)
         counter.inc(4)
     assert 7.0 == counter._value.get()
-    store = _values.current_store()
+    store = _runtime.RUNTIME.store
     assert store is not None and store.failing and store.write_errors >= 1
     messages = [r.getMessage() for r in caplog.records]
     assert any("values are kept in memory" in m for m in messages), messages
@@ -73,7 +73,7 @@ def test_full_disk_is_an_error_not_a_crash(metrics_dir: Path, monkeypatch, caplo
     with caplog.at_level(logging.ERROR, logger="victor_mp_metrics"):
         counter = _counter()
         counter.inc(2)
-    store = _values.current_store()
+    store = _runtime.RUNTIME.store
     assert store.failing
     assert any("No space left" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(os, "posix_fallocate", real)
@@ -91,7 +91,7 @@ def test_directory_replaced_under_a_running_process_loses_nothing(metrics_dir: P
     metrics_dir.mkdir(mode=0o700)
     counter.inc(1)  # lands in the unlinked file; the watchdog's check moves everything
     with caplog.at_level(logging.ERROR, logger="victor_mp_metrics"):
-        _values.current_store().check()
+        _runtime.RUNTIME.store.check()
     assert any("removed or replaced" in r.getMessage() for r in caplog.records)
     counter.inc(1)
     assert 7.0 == ours(metrics_dir)[("jobs_total", ())]
@@ -102,7 +102,7 @@ def test_directory_deleted_is_recreated_by_the_watchdog_check(metrics_dir: Path)
     counter = _counter()
     counter.inc(4)
     shutil.rmtree(metrics_dir)
-    _values.current_store().check()
+    _runtime.RUNTIME.store.check()
     assert 0o700 == stat.S_IMODE(metrics_dir.stat().st_mode)
     assert 4.0 == ours(metrics_dir)[("jobs_total", ())]
 
@@ -112,13 +112,14 @@ def test_write_errors_self_metric_counts_failures(tmp_path: Path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(blocker / "metrics"))
-    _state.configure()
+    _runtime.configure()
     _counter().inc()
-    store = _values.current_store()
-    _values.report_write_errors(store)
-    _values.report_write_errors(store)  # the counter's own creation failed to write, too
+    store = _runtime.RUNTIME.store
+    _runtime.self_counter("write_errors").inc(store.take_write_errors())
+    # the counter's own creation failed to write, too
+    _runtime.self_counter("write_errors").inc(store.take_write_errors())
     assert store.write_errors >= 2
-    assert store.write_errors == selfmetrics.counter("write_errors")._value.get()
+    assert store.write_errors == _runtime.self_counter("write_errors")._value.get()
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o722])
@@ -131,23 +132,25 @@ def test_directory_writable_by_others_is_refused(tmp_path: Path, monkeypatch, mo
     path.chmod(mode)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(path))
     with pytest.raises(UnsafeDirectoryError, match=r"writable by other users.*chmod 700"):
-        _state.configure()
+        _runtime.configure()
 
 
-def test_sticky_world_writable_directory_is_accepted(tmp_path: Path, monkeypatch):
-    """A sticky directory (like /tmp) is accepted: others cannot remove our files."""
+@pytest.mark.parametrize("mode", [0o1777, 0o1770, 0o3770])
+def test_sticky_shared_directory_is_refused(tmp_path: Path, monkeypatch, mode: int):
+    """A sticky shared directory (like /tmp) is refused: others could plant files there."""
     path = tmp_path / "sticky"
     path.mkdir()
-    path.chmod(0o1777)
+    path.chmod(mode)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(path))
-    assert _state.configure().multiprocess
+    with pytest.raises(UnsafeDirectoryError, match="chmod 700"):
+        _runtime.configure()
 
 
 def test_missing_directory_is_created_private(tmp_path: Path, monkeypatch):
     """A missing directory is created with mode 0700."""
     path = tmp_path / "a" / "b"
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(path))
-    _state.configure()
+    _runtime.configure()
     assert 0o700 == stat.S_IMODE(path.stat().st_mode)
 
 
@@ -177,7 +180,7 @@ def test_values_keep_counting_while_the_directory_is_unusable(metrics_dir: Path)
     """Between the directory breaking and recovering, increments go on and are all kept."""
     counter = _counter()
     counter.inc(1)
-    store = _values.current_store()
+    store = _runtime.RUNTIME.store
     shutil.rmtree(metrics_dir)
     metrics_dir.write_text("in the way")
     store.check()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._metrics import GaugeMode, NoopMetric
-from ._state import configure, get_settings, is_configured, reset
+from ._exposition import gather, render
+from ._metrics import Counter, Gauge, GaugeMode, Histogram, NoopMetric, Summary
+from ._runtime import configure, get_settings, is_configured, reset
+from ._server import MetricsServer, start_metrics_server
 from .catalog import CATALOG, Catalog, MetricSpec, catalog_table_markdown, get_catalog
 from .collector import MetricsCollector
 from .exceptions import (
@@ -16,7 +18,6 @@ from .exceptions import (
     UnsafeDirectoryError,
     VictorMetricsError,
 )
-from .exposition import gather, render
 from .instrument import (
     record_cache_hit,
     record_cache_miss,
@@ -28,8 +29,7 @@ from .instrument import (
     track_tool,
 )
 from .registry import BoundMetric, PrometheusRegistry, get_prometheus_registry
-from .server import MetricsServer, start_metrics_server
-from .settings import Settings, load_settings
+from .settings import DeploymentSettings, Settings, load_deployment_settings, load_settings
 
 try:
     __version__ = version("victor-mp-metrics")
@@ -41,8 +41,12 @@ __all__ = [
     "CATALOG",
     "Catalog",
     "ConfigurationError",
+    "Counter",
+    "DeploymentSettings",
     "DirectoryError",
+    "Gauge",
     "GaugeMode",
+    "Histogram",
     "LabelError",
     "MetricDefinitionError",
     "MetricSpec",
@@ -51,6 +55,7 @@ __all__ = [
     "NoopMetric",
     "PrometheusRegistry",
     "Settings",
+    "Summary",
     "UnsafeDirectoryError",
     "VictorMetricsError",
     "__version__",
@@ -61,6 +66,7 @@ __all__ = [
     "get_prometheus_registry",
     "get_settings",
     "is_configured",
+    "load_deployment_settings",
     "load_settings",
     "record_cache_hit",
     "record_cache_miss",

@@ -8,26 +8,20 @@ the file exists) so it sees the directory between compactions, not in the middle
 from __future__ import annotations
 
 import base64
-import fcntl
-import json
 import os
 import pwd
 import re
 import stat
-import time
 import urllib.error
 import urllib.request
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import _files
+from . import _mpdir
 from .exceptions import ConfigurationError
-from .manifest import read_manifest
 from .settings import SETTINGS, Settings, load_settings
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -57,7 +51,8 @@ def check_settings(environ: Mapping[str, str], directory: str | None) -> Check:
         settings = load_settings(environ)
     except ConfigurationError as err:
         return Check("FAIL", "settings", str(err))
-    details = tuple(f"        {s.env}={_shown(settings, s.name, s.secret)}" for s in SETTINGS)
+    details = tuple(f"        {s.env}={_shown(settings, s.name, s.secret)}" for s in SETTINGS
+                    if s.section == "library")
     if not settings.enabled:
         return Check("WARN", "settings", "VICTOR_METRICS_ENABLED=false: nothing is recorded.",
                      "unset VICTOR_METRICS_ENABLED or set it to true.", details)
@@ -81,7 +76,7 @@ def _shown(settings: Settings, name: str, secret: bool) -> str:
 def check_directory(path: str) -> list[Check]:
     """The directory itself, then every file in it."""
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
     except FileNotFoundError:
         return [Check("FAIL", "directory", f"{path} does not exist.",
                       "start the service (gunicorn.conf.py creates it) or create it with "
@@ -91,48 +86,35 @@ def check_directory(path: str) -> list[Check]:
         return [Check("FAIL", "directory", f"cannot stat {path}: {err.strerror}.",
                       "run doctor as the user the service runs as.")]
     if not stat.S_ISDIR(info.st_mode):
-        return [Check("FAIL", "directory", f"{path} exists but is not a directory.",
-                      "point PROMETHEUS_MULTIPROC_DIR at a directory (it is created if missing).")]
-    checks = [Check("OK", "directory", f"{path} exists."), _permissions(path, info), _owner(info)]
+        problem, fix = _mpdir.directory_problems(info, path)[0]
+        return [Check("FAIL", "directory", f"{problem}.", fix)]
+    checks = [Check("OK", "directory", f"{path} exists."), *_trust(path, info)]
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         checks.append(Check("FAIL", "access", f"uid {os.geteuid()} cannot read and write {path}.",
                             f"run doctor as the directory's owner (uid {info.st_uid}), or "
                             f"`chmod 700 {path}` as that user."))
         return checks
     checks.append(check_filesystem(path))
-    with _compactions_held(path):
-        checks.extend(_contents(path))
+    checks.extend(_contents(path))
     return checks
 
 
-def _permissions(path: str, info: os.stat_result) -> Check:
-    mode = stat.S_IMODE(info.st_mode)
-    others_write = mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if others_write and not mode & stat.S_ISVTX:
-        return Check("FAIL", "permissions",
-                     f"mode {mode:04o}: other users can plant or delete metric files, so the "
-                     "service refuses this directory.", f"`chmod 700 {path}`.")
-    if others_write:
-        return Check("WARN", "permissions",
-                     f"mode {mode:04o}: a shared directory (sticky bit).",
-                     "use a private directory created with mode 0700.")
-    if mode & 0o077:
-        return Check("WARN", "permissions",
-                     f"mode {mode:04o}: other users can read the metric files.",
-                     f"`chmod 700 {path}`.")
-    return Check("OK", "permissions", f"mode {mode:04o}.")
-
-
-def _owner(info: os.stat_result) -> Check:
-    euid = os.geteuid()
+def _trust(path: str, info: os.stat_result) -> list[Check]:
+    """The service's own rule (``_mpdir.directory_problems``), plus readable-by-others."""
+    problems = _mpdir.directory_problems(info, path)
     owner = f"uid {info.st_uid} ({_user(info.st_uid)})"
-    if info.st_uid == euid:
-        return Check("OK", "owner", f"{owner}, the user running doctor.")
-    if euid == 0 or info.st_uid == 0:
-        return Check("OK", "owner", f"{owner}; the service must run as this user.")
-    return Check("WARN", "owner", f"{owner}, not the user running doctor (uid {euid}).",
-                 "run the service and doctor as the directory's owner; the service refuses "
-                 "a directory owned by another user.")
+    if problems:
+        return [Check("FAIL", "permissions", f"{text}; the service refuses it.", fix)
+                for text, fix in problems]
+    mode = stat.S_IMODE(info.st_mode)
+    checks = [Check("OK", "owner", f"{owner}, the user running doctor.")]
+    if mode & 0o077:
+        checks.append(Check("WARN", "permissions",
+                            f"mode {mode:04o}: other users can read the metric files.",
+                            f"`chmod 700 {path}`."))
+    else:
+        checks.append(Check("OK", "permissions", f"mode {mode:04o}."))
+    return checks
 
 
 def _user(uid: int) -> str:
@@ -179,92 +161,46 @@ def mount_of(path: str, mounts: str) -> tuple[str, str] | None:
     return best
 
 
-@contextmanager
-def _compactions_held(directory: str, timeout: float = 2.0) -> Iterator[None]:
-    try:
-        fd = os.open(os.path.join(directory, _files.COMPACT_LOCK), os.O_RDONLY | _files.OPEN_FLAGS)
-    except OSError:
-        fd = -1
-    deadline = time.monotonic() + timeout
-    while fd >= 0:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                break  # a long compaction: inspect anyway
-            time.sleep(0.01)
-    try:
-        yield
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
-
 def _contents(path: str) -> list[Check]:
-    names = sorted(os.listdir(path))
+    found = _mpdir.inspect(path)
     compact = f"run `victor-metrics compact --dir {path}`"
-    checks = [_files_summary(path, names)]
-    try:
-        manifest = read_manifest(path)
-    except _files.CorruptFile as err:
-        gens = sorted(_generations(i for i in map(_files.parse_name, names) if i is not None))
-        checks.append(Check("FAIL", "manifest", f"corrupt ({err}); scrapes ignore the archive, "
-                            "so totals drop.",
+    per_kind = ", ".join(f"{k} {n}" for k, n in sorted(found.kinds.items())) or "none"
+    checks = [Check("OK", "files", f"{found.regular_files} file(s), {found.nbytes} bytes; "
+                    f"writer data files: {per_kind}; archive files: {found.archive_files}.")]
+    if found.manifest is None:
+        gens = sorted(found.generations)
+        checks.append(Check("FAIL", "manifest", f"corrupt ({found.manifest_error}); scrapes "
+                            "ignore the archive, so totals drop.",
                             f"stop the service and write {{\"generation\": G, \"absorbed\": []}} "
                             f"to {path}/manifest.json, G being the archive generation in the "
                             f"file names (found: {gens or 'none'})."))
         return checks
-    files = [(n, info) for n in names if (info := _files.parse_name(n)) is not None]
-    alive = _files.writer_liveness(path, names, skip=manifest.absorbed)
-    live = sorted(i for i, a in alive.items() if a)
-    dead = sorted(i for i, a in alive.items() if not a)
-    if live:
-        checks.append(Check("OK", "writers", f"{len(live)} live ({_listed(live)})."))
+    if found.live:
+        checks.append(Check("OK", "writers", f"{len(found.live)} live ({_listed(found.live)})."))
     else:
         checks.append(Check("WARN", "writers", "no live writer process.",
                             "if the service is running, it writes elsewhere: compare its "
                             f"PROMETHEUS_MULTIPROC_DIR with {path}."))
-    if dead:
-        count = sum(1 for n in names if _files.writer_ident(n) in dead)
+    if found.dead:
         checks.append(Check("FAIL", "orphans",
-                            f"{len(dead)} dead writer(s) not compacted ({_listed(dead)}), "
-                            f"{count} file(s).",
+                            f"{len(found.dead)} dead writer(s) not compacted "
+                            f"({_listed(found.dead)}), {found.dead_files} file(s).",
                             f"{compact}. A Gunicorn master using victor_mp_metrics.gunicorn_hooks "
                             "does this when a worker exits; orphans that stay mean no master "
                             "compacts this directory."))
     else:
         checks.append(Check("OK", "orphans", "no files of dead writers."))
-    checks.append(_corrupt(path, [n for n, _ in files], compact))
-    checks.append(_manifest_state(manifest.generation, sorted(manifest.absorbed),
-                                  [i for _, i in files], compact))
-    checks.append(_quarantine(path))
-    stale = [n for n in names if n.endswith(_files.TMP_SUFFIX)
-             and _files.stale_temp(os.path.join(path, n))]
-    if stale:
-        checks.append(Check("WARN", "temp files", f"{len(stale)} left over ({_listed(stale)}).",
+    checks.append(_corrupt(found, compact))
+    checks.append(_manifest_state(found.manifest.generation, sorted(found.manifest.absorbed),
+                                  sorted(found.generations), compact))
+    checks.append(_quarantine(path, found.quarantined))
+    if found.stale_temps:
+        checks.append(Check("WARN", "temp files",
+                            f"{len(found.stale_temps)} left over ({_listed(found.stale_temps)}).",
                             f"{compact} (it removes them)."))
     else:
         checks.append(Check("OK", "temp files", "none left over."))
     return checks
-
-
-def _files_summary(path: str, names: list[str]) -> Check:
-    nbytes = count = 0
-    for name in names:
-        try:
-            info = os.stat(os.path.join(path, name), follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISREG(info.st_mode):
-            count += 1
-            nbytes += info.st_size
-    infos = [i for i in map(_files.parse_name, names) if i is not None]
-    kinds = Counter(i.kind for i in infos if not i.is_archive)
-    archives = sum(1 for i in infos if i.is_archive)
-    per_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
-    return Check("OK", "files", f"{count} file(s), {nbytes} bytes; writer data files: "
-                 f"{per_kind}; archive files: {archives}.")
 
 
 def _listed(items: list[str]) -> str:
@@ -272,37 +208,21 @@ def _listed(items: list[str]) -> str:
     return ", ".join(items[:_SHOWN]) + more
 
 
-def _corrupt(path: str, names: list[str], compact: str) -> Check:
-    bad = []
-    for name in names:
-        try:
-            data = _files.read_file(os.path.join(path, name))
-            for raw, *_ in _files.iter_entries(data, len(data)):
-                metric, sample, labels, _help = json.loads(raw)
-                if not (isinstance(metric, str) and isinstance(sample, str)
-                        and isinstance(labels, dict)):
-                    raise ValueError(f"key {raw[:60]!r} is not [name, sample, labels, help]")
-        except FileNotFoundError:
-            continue  # compacted away meanwhile
-        except (_files.CorruptFile, OSError, ValueError, TypeError) as err:
-            bad.append(f"{name} ({err})")
-    if not names:
+def _corrupt(found: _mpdir.Inspection, compact: str) -> Check:
+    if not found.data_files:
         return Check("OK", "data files", "none yet.")
-    if not bad:
-        return Check("OK", "data files", f"all {len(names)} parse.")
+    if not found.corrupt:
+        return Check("OK", "data files", f"all {found.data_files} parse.")
+    bad = [f"{name} ({reason})" for name, reason in found.corrupt]
     return Check("FAIL", "data files", f"{len(bad)} corrupt: {_listed(bad)}; scrapes skip them.",
                  f"{compact}: it moves those of dead writers to quarantine/; a live writer's "
                  "file is set aside once that worker restarts.")
 
 
-def _generations(infos: Iterable[_files.DataFile]) -> set[int]:
-    return {i.generation for i in infos if i.generation is not None}
-
-
 def _manifest_state(
-    generation: int, absorbed: list[str], infos: list[_files.DataFile], compact: str
+    generation: int, absorbed: list[str], generations: list[int], compact: str
 ) -> Check:
-    stray = sorted(_generations(infos) - {generation})
+    stray = sorted(set(generations) - {generation})
     if absorbed or stray:
         what = f"{len(absorbed)} absorbed writer(s) still listed" if absorbed else ""
         if stray:
@@ -313,12 +233,8 @@ def _manifest_state(
     return Check("OK", "manifest", f"archive generation {generation}, no interrupted compaction.")
 
 
-def _quarantine(path: str) -> Check:
-    qdir = os.path.join(path, _files.QUARANTINE)
-    try:
-        names = sorted(os.listdir(qdir))
-    except FileNotFoundError:
-        names = []
+def _quarantine(path: str, names: list[str]) -> Check:
+    qdir = os.path.join(path, _mpdir.QUARANTINE)
     if not names:
         return Check("OK", "quarantine", "empty.")
     return Check("WARN", "quarantine",

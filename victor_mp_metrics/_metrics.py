@@ -19,22 +19,20 @@ stands in for every metric when metrics are disabled.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from . import _state, selfmetrics
+from . import _compat, _runtime
+from ._mpdir import OVERFLOW
 from ._validation import check_buckets, label_value, validate_definition
 from .exceptions import LabelError, MetricDefinitionError
 
 log = logging.getLogger("victor_mp_metrics")
 
-OVERFLOW = "__overflow__"
-OVERFLOW_METRIC = "victor_metrics_series_overflow_total"
 
 GaugeMode = Literal[
     "all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
@@ -43,20 +41,11 @@ GaugeMode = Literal[
 MetricKind = Literal["counter", "gauge", "histogram", "summary"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_S = TypeVar("_S", bound="_Guarded")
 
 
 class _Guarded:
     """The ``labels()`` of our metric classes; mixed in before the prometheus_client class."""
-
-    _labelnames: tuple[str, ...]
-    _labelvalues: tuple[str, ...]
-    _lock: threading.Lock
-    _metrics: Any
-    _kwargs: dict[str, Any]
-    _name: str
-    _original_name: str
-    _documentation: str
-    _type: Any
 
     _kind: str
     # Children share this empty mapping, so their labels() takes the slow path and says why.
@@ -96,34 +85,37 @@ class _Guarded:
         if _labelvalues is None:
             self._children = {}
             if guard and max_series is None:
-                max_series = _state.get_settings().max_series
+                max_series = _runtime.get_settings().max_series
             self._max_series = max_series if guard else None
             self._overflow_child: Any = None
             self._warned = False
 
-    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Any:
+    def labels(self: _S, *labelvalues: Any, **labelkwargs: Any) -> _S:
         """The child for these label values (positional, or by name), created on first use."""
         try:
             child = self._children.get(labelvalues)
         except TypeError:  # an unhashable value: _slow_labels says which label
             child = None
         if child is not None and not labelkwargs:
-            return child
-        return self._slow_labels(labelvalues, labelkwargs)
+            return child  # type: ignore[no-any-return]
+        return self._slow_labels(labelvalues, labelkwargs)  # type: ignore[no-any-return]
 
     def _describe(self) -> str:
-        return f"{self._type} {self._full_name()!r} expects labels ({', '.join(self._labelnames)})"
+        names = ", ".join(_compat.label_names(self))
+        return f"{_compat.metric_type(self)} {self._full_name()!r} expects labels ({names})"
 
     def _full_name(self) -> str:
-        return self._name + "_total" if self._type == "counter" else self._name
+        name = _compat.metric_name(self)
+        return name + "_total" if _compat.metric_type(self) == "counter" else name
 
     def _slow_labels(self, labelvalues: tuple[Any, ...], labelkwargs: dict[str, Any]) -> Any:
-        names = self._labelnames
-        if not names or self._labelvalues:
+        names = _compat.label_names(self)
+        if not names or _compat.is_child(self):
             what = "has no label names" if not names else "is already a labelled child"
             raise LabelError(
-                f"{self._type} {self._full_name()!r} {what}; call .inc()/.set()/.observe() on "
-                f"it directly instead of .labels({_shown(labelvalues, labelkwargs)})"
+                f"{_compat.metric_type(self)} {self._full_name()!r} {what}; call "
+                f".inc()/.set()/.observe() on it directly instead of "
+                f".labels({_shown(labelvalues, labelkwargs)})"
             )
         if labelkwargs:
             if labelvalues:
@@ -154,7 +146,7 @@ class _Guarded:
         child = self._children.get(key)
         if child is not None:
             return child
-        with self._lock:
+        with _compat.metric_lock(self):
             child = self._children.get(key)
             if child is not None:
                 return child
@@ -169,24 +161,16 @@ class _Guarded:
         return child
 
     def _make_child(self, key: tuple[str, ...]) -> Any:
-        # Caller holds self._lock. prometheus_client collects children from self._metrics.
-        child = self.__class__(  # type: ignore[call-arg]
-            self._original_name,
-            self._documentation,
-            self._labelnames,
-            _labelvalues=key,
-            **self._kwargs,
-        )
-        self._metrics[key] = child
-        self._children[key] = child
+        # Caller holds the metric lock.
+        child = self._children[key] = _compat.add_child(self, key)
         return child
 
     def _overflowed(self, metric: str) -> Any:
-        selfmetrics.counter("series_overflow").labels(metric).inc()
-        with self._lock:
+        _runtime.self_counter("series_overflow").labels(metric).inc()
+        with _compat.metric_lock(self):
             child = self._overflow_child
             if child is None:
-                key = (OVERFLOW,) * len(self._labelnames)
+                key = (OVERFLOW,) * len(_compat.label_names(self))
                 child = self._children.get(key)
                 if child is None:
                     child = self._make_child(key)
@@ -200,7 +184,7 @@ class _Guarded:
                 "paths) or raise VICTOR_METRICS_MAX_SERIES.",
                 metric,
                 self._max_series,
-                "/".join(self._labelnames),
+                "/".join(_compat.label_names(self)),
                 OVERFLOW,
             )
         return child
@@ -216,8 +200,8 @@ class _Guarded:
         self._resync()
 
     def _resync(self) -> None:
-        with self._lock:
-            self._children = dict(self._metrics)
+        with _compat.metric_lock(self):
+            self._children = _compat.registered_children(self)
             overflow = self._overflow_child
             if overflow is not None and overflow not in self._children.values():
                 self._overflow_child = None
@@ -253,10 +237,10 @@ class Gauge(_Guarded, prometheus_client.Gauge):
         multiprocess_mode: GaugeMode,
         **kwargs: Any,
     ) -> None:
-        if multiprocess_mode not in prometheus_client.Gauge._MULTIPROC_MODES:
+        if multiprocess_mode not in _compat.GAUGE_MODES:
             raise MetricDefinitionError(
                 f"gauge {name!r}: multiprocess_mode {multiprocess_mode!r} is not one of "
-                f"{sorted(prometheus_client.Gauge._MULTIPROC_MODES)}"
+                f"{sorted(_compat.GAUGE_MODES)}"
             )
         super().__init__(
             name, documentation, labelnames, multiprocess_mode=multiprocess_mode, **kwargs
@@ -339,20 +323,35 @@ NOOP = NoopMetric()
 AnyMetric = Counter | Gauge | Histogram | Summary | NoopMetric
 
 
+@overload
+def new_metric(kind: Literal["counter"], name: str, documentation: str,
+               labelnames: Iterable[str] = (), **kwargs: Any) -> Counter | NoopMetric: ...
+@overload
+def new_metric(kind: Literal["gauge"], name: str, documentation: str,
+               labelnames: Iterable[str] = (), **kwargs: Any) -> Gauge | NoopMetric: ...
+@overload
+def new_metric(kind: Literal["histogram"], name: str, documentation: str,
+               labelnames: Iterable[str] = (), **kwargs: Any) -> Histogram | NoopMetric: ...
+@overload
+def new_metric(kind: Literal["summary"], name: str, documentation: str,
+               labelnames: Iterable[str] = (), **kwargs: Any) -> Summary | NoopMetric: ...
+@overload
+def new_metric(kind: MetricKind, name: str, documentation: str,
+               labelnames: Iterable[str] = (), **kwargs: Any) -> AnyMetric: ...
 def new_metric(
     kind: MetricKind,
     name: str,
     documentation: str,
     labelnames: Iterable[str] = (),
     **kwargs: Any,
-) -> Any:
+) -> AnyMetric:
     """Create a registered metric of ``kind`` per the active settings (no-op when disabled).
 
     The definition is validated even when disabled, so mistakes show up in development.
-    Registered in ``_state.local_registry()``; a duplicate name there raises
+    Registered in ``_runtime.local_registry()``; a duplicate name there raises
     :class:`MetricDefinitionError`.
     """
-    settings = _state.get_settings()
+    settings = _runtime.get_settings()
     labelnames = validate_definition(kind, name, labelnames)
     if kind == "histogram" and "buckets" in kwargs:
         kwargs["buckets"] = check_buckets(name, kwargs["buckets"])
@@ -360,11 +359,11 @@ def new_metric(
         return NOOP
     cls = _CLASSES[kind]
     try:
-        return cls(
+        return cls(  # type: ignore[no-any-return]
             name,
             documentation,
             labelnames,
-            registry=_state.local_registry(),
+            registry=_runtime.local_registry(),
             max_series=settings.max_series,
             **kwargs,
         )

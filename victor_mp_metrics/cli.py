@@ -16,13 +16,10 @@ import threading
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from . import __version__, _doctor, _state, derived
-from ._files import CorruptFile
-from .aggregate import DirectoryCollector
-from .compaction import compact
+from . import __version__, _derived, _doctor, _mpdir, _runtime
+from ._exposition import FamiliesCollector
+from ._server import start_metrics_server
 from .exceptions import ConfigurationError, VictorMetricsError
-from .exposition import FamiliesCollector
-from .server import start_metrics_server
 from .settings import Settings, load_settings
 
 PROG = "victor-metrics"
@@ -151,8 +148,9 @@ def _compact(directory: str) -> int:
         print(f"{PROG} compact: error: {directory} is not a directory", file=sys.stderr)
         return 1
     try:
-        result = compact(directory)
-    except (OSError, CorruptFile) as err:
+        settings = load_settings()
+        result = _mpdir.compact(directory, max_series=settings.max_series)
+    except (OSError, _mpdir.CorruptFile, ConfigurationError) as err:
         print(f"{PROG} compact: error: compaction of {directory} failed: {err}. "
               f"Run `{PROG} doctor --dir {directory}`.", file=sys.stderr)
         return 1
@@ -176,9 +174,10 @@ def _dump(directory: str, fmt: str) -> int:
     if not os.path.isdir(directory):
         print(f"{PROG} dump: error: {directory} is not a directory", file=sys.stderr)
         return 1
-    families = derived.with_derived(list(DirectoryCollector(directory, read_only=True).collect()))
+    reader = _mpdir.DirectoryReader(directory, read_only=True)
+    families = _derived.with_derived(list(reader.collect()))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FamiliesCollector(families))  # type: ignore[arg-type]
+    registry.register(FamiliesCollector(families))
     generate = generate_openmetrics if fmt == "openmetrics" else generate_latest
     sys.stdout.write(generate(registry).decode("utf-8"))
     return 0
@@ -187,7 +186,7 @@ def _dump(directory: str, fmt: str) -> int:
 def _serve(directory: str, settings: Settings, port: int | None, addr: str | None) -> int:
     settings = dataclasses.replace(settings, multiproc_dir=directory)
     try:
-        _state.configure(settings)
+        _runtime.configure(settings)
     except VictorMetricsError as err:
         print(f"{PROG} serve: error: {err}", file=sys.stderr)
         return 1

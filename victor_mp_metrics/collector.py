@@ -30,7 +30,8 @@ from typing import Any
 
 from prometheus_client import Metric
 
-from . import _state
+from . import _runtime
+from ._exposition import gather
 from .catalog import get_catalog
 from .exceptions import LabelError
 
@@ -109,16 +110,14 @@ class MetricsCollector:
         ``model_latency_p50_ms``, ``model_latency_p95_ms`` (estimated from the buckets by
         linear interpolation like PromQL's ``histogram_quantile``; 0 without observations).
         """
-        settings = _state.get_settings()
+        settings = _runtime.get_settings()
         families: list[Metric] = []
         if settings.enabled:
             get_catalog()
             if settings.multiprocess:
-                from .exposition import gather
-
                 families = gather(settings)
             else:
-                families = list(_state.local_registry().collect())
+                families = list(_runtime.local_registry().collect())
         return summarize(families)
 
 

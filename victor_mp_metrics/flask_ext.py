@@ -24,9 +24,10 @@ from typing import Any
 
 from flask import Flask, Response, got_request_exception, request
 
-from . import _state, instrument
+from . import _runtime, instrument
+from ._exposition import render
 from .catalog import get_catalog
-from .exposition import render
+from .instrument import error_type_for_status
 
 log = logging.getLogger("victor_mp_metrics")
 
@@ -36,22 +37,8 @@ OTHER_METHOD = "OTHER"
 STANDARD_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
 )
-STATUS_ERROR_TYPES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 408: "timeout", 409: "conflict", 413: "payload_too_large",
-    415: "unsupported_media_type", 422: "unprocessable", 429: "rate_limit",
-    500: "server_error", 501: "not_implemented", 502: "bad_gateway", 503: "unavailable",
-    504: "timeout",
-}
 _ENDPOINT_KEY = "victor_mp_metrics.endpoint"
 _ERROR_KEY = "victor_mp_metrics.error_type"
-
-
-def error_type_for_status(status: int) -> str | None:
-    """The stable ``error_type`` label of an HTTP status, None for a success."""
-    if status < 400:
-        return None
-    return STATUS_ERROR_TYPES.get(status, "client_error" if status < 500 else "server_error")
 
 
 def set_error_type(error_type: str) -> None:
@@ -84,7 +71,7 @@ class VictorMetrics:
         serve = app.config.setdefault("VICTOR_METRICS_SERVE", True)
         excluded = frozenset(app.config.setdefault("VICTOR_METRICS_EXCLUDE_PATHS", (path,)))
         app.extensions[EXTENSION_KEY] = self
-        if _state.get_settings().enabled:
+        if _runtime.get_settings().enabled:
             # Disabled metrics cost a request nothing: no hook, no middleware.
             got_request_exception.connect(_remember_exception, app, weak=False)
             app.wsgi_app = _Middleware(app.wsgi_app, excluded)  # type: ignore[method-assign]

@@ -12,7 +12,8 @@
   those of another live master sharing the directory: then dead files are compacted).
 * ``when_ready``: start the compactor thread (worker exits and periodic sweeps) and, if
   ``VICTOR_METRICS_PORT`` is set, the master's aggregated ``/metrics`` server.
-* ``post_fork``: in the worker, let go of the master's server socket.
+* ``post_fork``: nothing any more (the after-fork handler lets go of the master's server
+  socket); kept so existing configs that import it still work.
 * ``child_exit``: runs in the master for every reaped worker, SIGKILL included: wakes the
   compactor, which merges the dead worker's files. Its live gauges already vanished from
   scrapes the moment it died (its owner lock was released).
@@ -29,22 +30,17 @@ import functools
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import _state, _values, compaction, selfmetrics
-from .directory import ensure_directory
+from . import _mpdir, _runtime
+from ._compactor import Compactor, run_compaction
+from ._server import start_metrics_server
 from .exceptions import VictorMetricsError
-from .server import MetricsServer, start_metrics_server
-from .settings import Settings, load_settings
+from .settings import DeploymentSettings, load_deployment_settings, load_settings
 
 log = logging.getLogger("victor_mp_metrics")
 F = TypeVar("F", bound=Callable[..., None])
-
-MASTER_PID_ENV = "VICTOR_METRICS_MASTER_PID"
-_server: MetricsServer | None = None
-_compactor: Compactor | None = None
 
 
 def default_directory() -> str:
@@ -53,10 +49,12 @@ def default_directory() -> str:
     return os.path.join(base, f"victor-metrics-{os.geteuid()}")
 
 
-def settings_or_exit() -> Settings:
-    """The settings for a ``gunicorn.conf.py``: a bad value exits with one clear line."""
+def settings_or_exit() -> DeploymentSettings:
+    """The deployment settings for a ``gunicorn.conf.py``; a bad value of either section
+    exits with one clear line (Gunicorn must not start half-configured)."""
     try:
-        return load_settings()
+        load_settings()
+        return load_deployment_settings()
     except VictorMetricsError as err:
         raise SystemExit(f"victor_mp_metrics: refusing to start: {err}") from None
 
@@ -79,73 +77,11 @@ def _never_raise(hook: F) -> F:
         except Exception:
             log.exception("victor_mp_metrics: the %s hook failed; Gunicorn goes on", hook.__name__)
             try:
-                selfmetrics.counter("hook_errors").inc()
+                _runtime.self_counter("hook_errors").inc()
             except Exception:  # pragma: no cover - counting must not fail the hook either
                 pass
 
     return guarded  # type: ignore[return-value]
-
-
-class Compactor:
-    """A master thread that compacts when a worker exits and every ``interval`` seconds."""
-
-    def __init__(self, directory: str, interval: float) -> None:
-        self.directory = directory
-        self.interval = interval
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="victor-compactor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def request(self) -> None:
-        """Ask for a compaction soon (returns at once)."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.interval or None)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            run_compaction(self.directory)
-
-
-def run_compaction(directory: str) -> compaction.CompactionResult | None:
-    """Compact ``directory`` now, recording self-metrics; errors are logged, not raised."""
-    try:
-        result = compaction.compact(directory, exclude=_own_ident())
-    except Exception:
-        log.exception("victor_mp_metrics: compaction of %s failed; will retry", directory)
-        selfmetrics.counter("hook_errors").inc()
-        return None
-    if result.absorbed:
-        selfmetrics.counter("compactions").inc()
-        selfmetrics.counter("writers_compacted").inc(len(result.absorbed))
-        selfmetrics.counter("compaction_seconds").inc(result.duration)
-        log.info(
-            "victor_mp_metrics: compacted %d dead writer(s) into archive generation %d "
-            "in %.1f ms", len(result.absorbed), result.generation, result.duration * 1000,
-        )
-    if result.corrupt:
-        selfmetrics.counter("corrupt_files").inc(len(result.corrupt))
-    if result.series_folded:
-        log.warning(
-            "victor_mp_metrics: archive reached VICTOR_METRICS_MAX_SERIES label sets for some "
-            "metric; %d sample(s) folded into __overflow__ series", result.series_folded,
-        )
-    return result
-
-
-def _own_ident() -> frozenset[str]:
-    store = _values.current_store()
-    return frozenset({store.ident}) if store is not None and store.ident else frozenset()
 
 
 def on_starting(server: Any) -> None:
@@ -156,18 +92,20 @@ def on_starting(server: Any) -> None:
             use_default_directory()
             settings = load_settings()
         if settings.multiprocess:
-            ensure_directory(settings.multiproc_dir)  # type: ignore[arg-type]
-        os.environ[MASTER_PID_ENV] = str(os.getpid())
-        _state.configure(settings)
+            assert settings.multiproc_dir is not None
+            _mpdir.ensure_directory(settings.multiproc_dir)
+        _runtime.configure(settings)
+        _runtime.RUNTIME.master_pid = os.getpid()
     except VictorMetricsError as err:
         raise SystemExit(f"victor_mp_metrics: refusing to start: {err}") from None
     if settings.multiprocess:
-        _start_clean(settings.multiproc_dir)  # type: ignore[arg-type]
+        assert settings.multiproc_dir is not None
+        _start_clean(settings.multiproc_dir)
 
 
 @_never_raise
 def _start_clean(directory: str) -> None:
-    removed = compaction.wipe_dead(directory, exclude=_own_ident())
+    removed = _mpdir.wipe_dead(directory, exclude=_runtime.own_idents())
     if removed < 0:
         log.info(
             "victor_mp_metrics: another live process shares %s; compacting dead files "
@@ -182,45 +120,47 @@ def _start_clean(directory: str) -> None:
 @_never_raise
 def when_ready(server: Any) -> None:
     """Start the compactor and, if ``VICTOR_METRICS_PORT`` is set, the metrics server."""
-    global _server, _compactor
-    settings = _state.get_settings()
+    rt = _runtime.RUNTIME
+    settings = _runtime.get_settings()
     if settings.enabled:
-        selfmetrics.create_all()
-    if settings.multiprocess and _compactor is None:
-        _compactor = Compactor(settings.multiproc_dir, settings.sweep_interval)  # type: ignore[arg-type]
-        _compactor.start()
-    if settings.port is not None and _server is None:
-        _server = start_metrics_server(settings.port, settings.addr)
-        log.info("victor_mp_metrics: master serves /metrics on %s:%d", settings.addr, _server.port)
+        _runtime.create_self_counters()
+    if settings.multiprocess and rt.compactor is None:
+        assert settings.multiproc_dir is not None
+        compactor = Compactor(settings.multiproc_dir, settings.sweep_interval)
+        compactor.start()
+        rt.compactor = compactor
+    if settings.port is not None and rt.server is None:
+        metrics_server = start_metrics_server(settings.port, settings.addr)
+        rt.server = metrics_server
+        log.info("victor_mp_metrics: master serves /metrics on %s:%d", settings.addr,
+                 metrics_server.port)
 
 
 @_never_raise
 def post_fork(server: Any, worker: Any) -> None:
-    """In the new worker: close the master's metrics server socket, forget the compactor."""
-    global _server, _compactor
-    if _server is not None:
-        _server.httpd.socket.close()
-        _server = None
-    _compactor = None
+    """In the new worker: nothing left to do (the runtime's after-fork handler closed the
+    master's metrics socket and forgot its compactor); kept for existing configs."""
 
 
 @_never_raise
 def child_exit(server: Any, worker: Any) -> None:
     """In the master, for every reaped worker: have its files compacted."""
-    if _compactor is not None:
-        _compactor.request()
+    compactor = _runtime.RUNTIME.compactor
+    if isinstance(compactor, Compactor):
+        compactor.request()
 
 
 @_never_raise
 def on_exit(server: Any) -> None:
     """Stop the compactor and the metrics server; compact the last workers' files."""
-    global _server, _compactor
-    if _compactor is not None:
-        _compactor.stop()
-        _compactor = None
-    if _server is not None:
-        _server.stop()
-        _server = None
-    settings = _state.get_settings()
+    rt = _runtime.RUNTIME
+    for attr in ("compactor", "server"):
+        running = getattr(rt, attr)
+        setattr(rt, attr, None)
+        if running is not None:
+            running.stop()
+    settings = _runtime.get_settings()
     if settings.multiprocess:
-        run_compaction(settings.multiproc_dir)  # type: ignore[arg-type]
+        assert settings.multiproc_dir is not None
+        run_compaction(settings.multiproc_dir)
+

@@ -28,6 +28,27 @@ from .catalog import get_catalog
 _perf = time.perf_counter
 
 
+STATUS_ERROR_TYPES: dict[int, str] = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 408: "timeout", 409: "conflict", 413: "payload_too_large",
+    415: "unsupported_media_type", 422: "unprocessable", 429: "rate_limit",
+    500: "server_error", 501: "not_implemented", 502: "bad_gateway", 503: "unavailable",
+    504: "timeout",
+}  # fmt: skip
+
+
+def error_type_for_status(status: int) -> str | None:
+    """The one status -> ``error_type`` rule of every integration; None for a success.
+
+    Every status >= 400 is an error: a known status has its name in
+    :data:`STATUS_ERROR_TYPES`, any other 4xx is ``client_error``, any other 5xx
+    ``server_error``.
+    """
+    if status < 400:
+        return None
+    return STATUS_ERROR_TYPES.get(status, "client_error" if status < 500 else "server_error")
+
+
 def error_type_of(exc: BaseException) -> str:
     """``exc.error_type`` if it is a non-empty str, else the exception's class name."""
     value = getattr(exc, "error_type", None)
@@ -204,23 +225,21 @@ def record_request(
     duration_ms: float | None = None,
     error_type: str | None = None,
 ) -> None:
-    """Record one answered HTTP request (used by the Flask extension).
+    """Record one answered HTTP request (used by every framework integration).
 
     ``duration_ms`` None records the count only (observe the duration later with
-    :func:`observe_request_duration`). An error is counted in
-    ``victor_request_errors_total`` when ``error_type`` is given, or when ``status`` is
-    429 (``rate_limit``) or 5xx (``http_<status>``).
+    :func:`observe_request_duration`). A status >= 400 is counted in
+    ``victor_request_errors_total`` with ``error_type`` if given, else by
+    :func:`error_type_for_status`; an ``error_type`` given with a success status counts
+    an error too.
     """
     catalog = get_catalog()
     catalog.requests_total.labels(endpoint, method).inc()
     if duration_ms is not None:
         catalog.request_duration_ms.labels(endpoint, method).observe(duration_ms)
     if error_type is None:
-        if status >= 500:
-            error_type = f"http_{status}"
-        elif status == 429:
-            error_type = "rate_limit"
-        else:
+        error_type = error_type_for_status(status)
+        if error_type is None:
             return
     catalog.request_errors_total.labels(endpoint, method, error_type).inc()
 

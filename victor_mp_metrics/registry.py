@@ -22,12 +22,21 @@ import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, cast, overload
 
 from prometheus_client import Histogram as _PcHistogram
 
-from . import _state
-from ._metrics import OVERFLOW_METRIC, Counter, Gauge, GaugeMode, Histogram, NoopMetric, new_metric
+from . import _runtime
+from ._metrics import (
+    Counter,
+    Gauge,
+    GaugeMode,
+    Histogram,
+    MetricKind,
+    NoopMetric,
+    new_metric,
+)
+from ._selfmetrics import OVERFLOW_METRIC
 from ._validation import check_buckets, label_value, validate_definition
 from .catalog import CATALOG, MetricSpec, get_catalog
 from .exceptions import LabelError, MetricDefinitionError
@@ -167,7 +176,8 @@ class PrometheusRegistry:
         label_names: Sequence[str] = (),
     ) -> Counter | BoundMetric | NoopMetric:
         """A counter; a name ending in ``_total`` is exposed as given, else with ``_total``."""
-        return self._get("counter", name, help, labels, label_names)
+        return cast("Counter | BoundMetric | NoopMetric",
+                    self._get("counter", name, help, labels, label_names))
 
     @overload
     def gauge(
@@ -203,7 +213,8 @@ class PrometheusRegistry:
         work): the sum over live processes. Use ``livemax``/``livemin`` for the extreme
         among live processes, ``livemostrecent`` for the last value set anywhere, and the
         modes without ``live`` to keep exited processes' values."""
-        return self._get("gauge", name, help, labels, label_names, mode=multiprocess_mode)
+        return cast("Gauge | BoundMetric | NoopMetric",
+                    self._get("gauge", name, help, labels, label_names, mode=multiprocess_mode))
 
     @overload
     def histogram(
@@ -235,7 +246,8 @@ class PrometheusRegistry:
         buckets: Sequence[float] = DEFAULT_BUCKETS,
     ) -> Histogram | BoundMetric | NoopMetric:
         """A histogram with these upper bounds (``+Inf`` is added)."""
-        return self._get("histogram", name, help, labels, label_names, buckets=buckets)
+        return cast("Histogram | BoundMetric | NoopMetric",
+                    self._get("histogram", name, help, labels, label_names, buckets=buckets))
 
     def _get(
         self,
@@ -318,7 +330,7 @@ class PrometheusRegistry:
                 kwargs["buckets"] = definition.buckets
             if mode is not None:
                 kwargs["multiprocess_mode"] = mode
-            metric = new_metric(kind, name, help, names, **kwargs)  # type: ignore[arg-type]
+            metric = new_metric(cast(MetricKind, kind), name, help, names, **kwargs)
             if isinstance(metric, NoopMetric):
                 result: Any = metric
             elif per_call:
@@ -366,24 +378,6 @@ def _catalog_clash(definition: _Definition) -> MetricSpec | None:
     return None
 
 
-_registry_lock = threading.Lock()
-_registry: PrometheusRegistry | None = None
-
-
 def get_prometheus_registry() -> PrometheusRegistry:
     """This process's custom metrics registry (one per process, created on first call)."""
-    global _registry
-    registry = _registry
-    if registry is None:
-        with _registry_lock:
-            if _registry is None:
-                _state.get_settings()
-                _registry = PrometheusRegistry()
-            registry = _registry
-    return registry
-
-
-@_state.on_reset
-def _forget() -> None:
-    global _registry
-    _registry = None
+    return _runtime.singleton("prometheus_registry", PrometheusRegistry)

@@ -1,8 +1,13 @@
-"""Settings: one declarative table, read from the environment into a frozen object.
+"""Settings: one declarative table in two sections, read from the environment.
 
-Nothing is read at import time: call :func:`load_settings` (or let
-``victor_mp_metrics.configure`` do it). The README's configuration table is generated from
-:data:`SETTINGS` by :func:`settings_table_markdown`, and a test keeps the two in step.
+* **library** settings (``VICTOR_METRICS_*``, ``PROMETHEUS_MULTIPROC_DIR``) are read by
+  the library into :class:`Settings` (:func:`load_settings`) in every process using it;
+* **deployment** settings (``VICTOR_BIND``, ``VICTOR_WORKERS``, ...) are read only by
+  ``gunicorn.conf.py`` into :class:`DeploymentSettings` (:func:`load_deployment_settings`).
+
+A bad value of one section never breaks the other. Nothing is read at import time. The
+README's configuration table is generated from :data:`SETTINGS` by
+:func:`settings_table_markdown`, and a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from .exceptions import ConfigurationError
 
@@ -123,6 +128,7 @@ class Setting:
     accepted: str
     doc: str
     secret: bool = False
+    section: Literal["library", "deployment"] = "library"
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -148,25 +154,26 @@ SETTINGS: tuple[Setting, ...] = (
             "How often the Gunicorn master sweeps for orphaned files of dead processes "
             "(0 disables the periodic sweep; start-up and worker exits still compact)."),
     Setting("bind", "VICTOR_BIND", _bind, "127.0.0.1:8000", "HOST:PORT or unix:PATH",
-            "gunicorn.conf.py: address the app listens on (`-b` overrides)."),
+            "Address the app listens on (`-b` overrides).", section="deployment"),
     Setting("workers", "VICTOR_WORKERS", _int_range(1, 1024), 4, "1-1024",
-            "gunicorn.conf.py: number of worker processes (`-w` overrides)."),
+            "Number of worker processes (`-w` overrides).", section="deployment"),
     Setting("worker_class", "VICTOR_WORKER_CLASS", _worker_class, "sync", "sync or gthread",
-            "gunicorn.conf.py: Gunicorn worker class."),
+            "Gunicorn worker class.", section="deployment"),
     Setting("threads", "VICTOR_THREADS", _int_range(1, 256), 1, "1-256",
-            "gunicorn.conf.py: threads per worker (gthread)."),
+            "Threads per worker (gthread).", section="deployment"),
     Setting("timeout", "VICTOR_TIMEOUT", _int_range(1, 3600), 30, "1-3600",
-            "gunicorn.conf.py: seconds before a silent worker is killed and restarted."),
+            "Seconds before a silent worker is killed and restarted.", section="deployment"),
     Setting("max_requests", "VICTOR_MAX_REQUESTS", _int_range(0), 10000, "integer >= 0",
-            "gunicorn.conf.py: recycle a worker after this many requests (0 disables)."),
+            "Recycle a worker after this many requests (0 disables).", section="deployment"),
     Setting("max_requests_jitter", "VICTOR_MAX_REQUESTS_JITTER", _int_range(0), 1000,
-            "integer >= 0", "gunicorn.conf.py: random jitter added to max_requests."),
+            "integer >= 0", "Random jitter added to max_requests.", section="deployment"),
 )
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, parsed. Build with :func:`load_settings`; fields follow :data:`SETTINGS`."""
+    """The library section, parsed. Build with :func:`load_settings`; fields follow the
+    library rows of :data:`SETTINGS`."""
 
     enabled: bool = True
     port: int | None = None
@@ -176,6 +183,17 @@ class Settings:
     basic_auth: str | None = field(default=None, repr=False)
     max_series: int = 1000
     sweep_interval: float = 60.0
+
+    @property
+    def multiprocess(self) -> bool:
+        """True when metrics are recorded to files in a shared directory."""
+        return self.enabled and self.multiproc_dir is not None
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """The deployment section, read only by ``gunicorn.conf.py``."""
+
     bind: str = "127.0.0.1:8000"
     workers: int = 4
     worker_class: str = "sync"
@@ -184,21 +202,18 @@ class Settings:
     max_requests: int = 10000
     max_requests_jitter: int = 1000
 
-    @property
-    def multiprocess(self) -> bool:
-        """True when metrics are recorded to files in a shared directory."""
-        return self.enabled and self.multiproc_dir is not None
+
+_T = TypeVar("_T", Settings, DeploymentSettings)
 
 
-def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` win.
-
-    Raises :class:`ConfigurationError` naming the variable, the value and what is accepted.
-    An empty variable counts as unset.
-    """
+def _load(
+    cls: type[_T], section: str, environ: Mapping[str, str] | None, overrides: dict[str, Any]
+) -> _T:
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for setting in SETTINGS:
+        if setting.section != section:
+            continue
         raw = env.get(setting.env)
         if raw is None or raw == "":
             values[setting.name] = setting.default
@@ -211,25 +226,46 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
                 f"{setting.env}={shown} is not valid: expected {err}. "
                 f"Fix or unset {setting.env} ({setting.doc})"
             ) from None
-    known = {f.name for f in fields(Settings)}
+    known = {f.name for f in fields(cls)}
     unknown = set(overrides) - known
     if unknown:
         raise ConfigurationError(
             f"unknown setting(s) {sorted(unknown)}; known settings: {sorted(known)}"
         )
     values.update(overrides)
-    return Settings(**values)
+    return cls(**values)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read the library's settings from ``environ`` (default ``os.environ``); ``overrides``
+    win. Deployment variables are not read.
+
+    Raises :class:`ConfigurationError` naming the variable, the value and what is accepted.
+    An empty variable counts as unset.
+    """
+    return _load(Settings, "library", environ, overrides)
+
+
+def load_deployment_settings(environ: Mapping[str, str] | None = None) -> DeploymentSettings:
+    """Read the deployment section (for ``gunicorn.conf.py``); errors as :func:`load_settings`."""
+    return _load(DeploymentSettings, "deployment", environ, {})
 
 
 def settings_table_markdown() -> str:
-    """The README's configuration table, generated from :data:`SETTINGS`."""
-    rows = [
-        "| Variable | Accepted values | Default | Meaning |",
-        "|---|---|---|---|",
-    ]
-    for s in SETTINGS:
-        default = "unset" if s.default is None else f"`{s.default}`"
-        if isinstance(s.default, bool):
-            default = f"`{str(s.default).lower()}`"
-        rows.append(f"| `{s.env}` | {s.accepted} | {default} | {s.doc} |")
+    """The README's configuration tables, generated from :data:`SETTINGS`, one a section."""
+    rows: list[str] = []
+    for section, title in (("library", "Library (read by every process using the package)"),
+                           ("deployment", "Deployment (read only by `gunicorn.conf.py`)")):
+        if rows:
+            rows.append("")
+        rows += [f"**{title}**", "", "| Variable | Accepted values | Default | Meaning |",
+                 "|---|---|---|---|"]
+        rows += [_row(s) for s in SETTINGS if s.section == section]
     return "\n".join(rows) + "\n"
+
+
+def _row(s: Setting) -> str:
+    default = "unset" if s.default is None else f"`{s.default}`"
+    if isinstance(s.default, bool):
+        default = f"`{str(s.default).lower()}`"
+    return f"| `{s.env}` | {s.accepted} | {default} | {s.doc} |"

@@ -7,7 +7,7 @@ Prints the custom metrics as a Prometheus scrape would show them.
 
 from __future__ import annotations
 
-from victor_mp_metrics.exposition import render
+from victor_mp_metrics import render
 from victor_mp_metrics.registry import get_prometheus_registry
 
 CUSTOM = ("custom_operations", "queue_size", "operation_latency_ms")

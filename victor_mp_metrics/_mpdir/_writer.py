@@ -1,17 +1,21 @@
-"""The write path: a prometheus_client value class backed by this process's own files.
+"""The write path: this process's own files, and the value class that writes to them.
 
-Compared with prometheus_client's ``MultiProcessValue`` it
+Compared with prometheus_client's ``MultiProcessValue``, a :class:`ProcessStore`
 
 * names its files after a unique writer ident and holds a lock on ``{ident}.owner`` for
-  its whole life, so readers and the compactor can tell a live writer from a dead one
-  without trusting pids;
-* notices fork() through ``os.register_at_fork`` instead of calling ``getpid()`` on every
-  write, and writes at a position it looked up once: cheaper per operation;
+  its whole life, so readers and the compactor tell a live writer from a dead one without
+  trusting pids; if the owner file is deleted, the watchdog creates it again;
 * reserves disk blocks with ``posix_fallocate`` before it maps them, so a full disk is an
-  error at file creation, never a SIGBUS in the middle of a request;
-* survives a missing, unwritable or replaced directory: values go on counting in memory,
-  one log line and ``victor_metrics_write_errors_total`` say so, and a watchdog thread
-  moves the values back into files once the directory is usable again.
+  error when a value gets its slot, never a SIGBUS in the middle of a request;
+* never writes one value to two files that a reader counts. A value that cannot get a
+  slot (full disk, no file descriptors) keeps counting in memory, *pending*; the
+  watchdog gives it its slot once space returns, with its whole value, in the same
+  files under the same ident. Values that have a slot keep it. Only when the directory
+  itself is removed or replaced do all values move to new files (the old ones are gone
+  with the old directory, out of every reader's sight).
+
+The store reports (``write_errors``, :meth:`ProcessStore.take_write_errors`); the runtime
+counts them in ``victor_metrics_write_errors_total``.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import values as _pc_values
-from prometheus_client.mmap_dict import mmap_key
-
-from . import _files
-from .directory import ensure_directory
-from .exceptions import DirectoryError
+from ..exceptions import DirectoryError
+from ._format import INITIAL_SIZE, INT, encode_entry, encode_key
+from ._fs import create_atomically, ensure_directory
+from ._liveness import create_owner_file, owner_file_intact
+from ._names import data_name, new_ident
 
 log = logging.getLogger("victor_mp_metrics")
 
@@ -42,38 +46,33 @@ class _WriterFile:
     __slots__ = ("capacity", "fd", "m", "path", "positions", "used")
 
     def __init__(self, path: str) -> None:
-        tmp = f"{path}{_files.TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _files.OPEN_FLAGS, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, _files.INITIAL_SIZE)
-            os.pwrite(fd, struct.pack("<i", 8), 0)
-            os.rename(tmp, path)
-        except BaseException:
-            os.close(fd)
-            _files._unlink_quietly(tmp)
-            raise
+        def fill(fd: int) -> None:
+            os.posix_fallocate(fd, 0, INITIAL_SIZE)
+            os.pwrite(fd, INT.pack(8), 0)
+
+        self.fd = create_atomically(path, fill, keep_open=True, replace=False)
         self.path = path
-        self.fd = fd
-        self.capacity = _files.INITIAL_SIZE
-        self.m = mmap.mmap(fd, self.capacity)
+        self.capacity = INITIAL_SIZE
+        self.m = mmap.mmap(self.fd, self.capacity)
         self.used = 8
         self.positions: dict[str, int] = {}
 
     def position(self, key: str) -> int:
+        """The offset of ``key``'s value, appending an entry (and growing) if new."""
         pos = self.positions.get(key)
         if pos is None:
-            entry = _files.encode_entry(key, 0.0, 0.0)
+            entry = encode_entry(key, 0.0, 0.0)
             needed = self.used + len(entry)
             if needed > self.capacity:
                 capacity = self.capacity
                 while capacity < needed:
                     capacity *= 2
-                os.posix_fallocate(self.fd, 0, capacity)
+                os.posix_fallocate(self.fd, 0, capacity)  # ENOSPC here: nothing written
                 self.m = mmap.mmap(self.fd, capacity)
                 self.capacity = capacity
             self.m[self.used : needed] = entry
             self.used = needed
-            self.m[0:4] = struct.pack("<i", needed)
+            self.m[0:4] = INT.pack(needed)  # the header last: readers never see half an entry
             pos = self.positions[key] = needed - 16
         return pos
 
@@ -95,18 +94,20 @@ class ProcessStore:
         self.dir_id: tuple[int, int] | None = None
         self.files: dict[str, _WriterFile] = {}
         self.values: list[Any] = []
+        self.pending: list[Any] = []
         self.write_errors = 0
-        self.reported_errors = 0
+        self._reported_errors = 0
         self.failing = False
+        self.on_write_errors: Callable[[int], None] | None = None
         self.watchdog: threading.Thread | None = None
         self.stopped = threading.Event()
 
     # -- attaching values (caller holds self.lock) --
 
     def _open_owner(self) -> None:
-        ident = _files.new_ident()
-        self.owner_fd = _files.create_owner_file(self.directory, ident)
+        ident = new_ident()
         info = os.stat(self.directory)
+        self.owner_fd = create_owner_file(self.directory, ident)
         self.dir_id = (info.st_dev, info.st_ino)
         self.ident = ident
         self._start_watchdog()
@@ -116,18 +117,21 @@ class ProcessStore:
         if f is None:
             if self.ident is None:
                 self._open_owner()
-            path = os.path.join(self.directory, f"{prefix}_{self.ident}.db")
+            assert self.ident is not None
+            path = os.path.join(self.directory, data_name(prefix, self.ident))
             f = self.files[prefix] = _WriterFile(path)
         return f
 
     def attach(self, value: Any) -> None:
-        """Give ``value`` a slot in a file and write its current value there."""
+        """Give ``value`` a slot in a file and write its current value there, or leave it
+        pending (in memory only) if the slot cannot be had now."""
         try:
             f = self._file_for(value._prefix)
             pos = f.position(value._key)
             f.m[pos : pos + 16] = _pack(value._value, value._timestamp)
         except OSError as err:
             value._file = None
+            self.pending.append(value)
             self._failed(err)
         else:
             value._file = f
@@ -155,29 +159,58 @@ class ProcessStore:
         return self.dir_id is not None and (info.st_dev, info.st_ino) != self.dir_id
 
     def check(self) -> None:
-        """Re-home all values if the directory was replaced or writes were failing."""
+        """The watchdog's round: follow a replaced directory, keep the owner file, give
+        pending values their slots."""
         with self.lock:
-            replaced = self.ident is not None and self._directory_changed()
-            if not (replaced or self.failing):
-                return
-            if replaced:
+            if self.ident is not None and self._directory_changed():
                 self.write_errors += 1
                 log.error(
                     "victor_mp_metrics: %s was removed or replaced while this process was "
                     "writing to it; moving this process's values to the new directory.",
                     self.directory,
                 )
-            self._drop_files()
-            self.failing = False
+                self._drop_files()
+                self.pending = list(self.values)
+                self.failing = True
+            elif self.ident is not None and self.owner_fd is not None:
+                self._keep_owner_file()
+            if not self.pending:
+                return
             try:
                 ensure_directory(self.directory)
             except (OSError, DirectoryError) as err:
                 self._failed(err if isinstance(err, OSError) else OSError(str(err)))
                 return
-            for value in self.values:
+            waiting, self.pending = self.pending, []
+            self.failing = False
+            for value in waiting:
                 self.attach(value)
             if not self.failing:
                 log.warning("victor_mp_metrics: writing metric files in %s again", self.directory)
+
+    def _keep_owner_file(self) -> None:
+        assert self.ident is not None and self.owner_fd is not None
+        if owner_file_intact(self.directory, self.ident, self.owner_fd):
+            return
+        try:
+            fd = create_owner_file(self.directory, self.ident)
+        except OSError as err:
+            self._failed(err)
+            return
+        os.close(self.owner_fd)
+        self.owner_fd = fd
+        log.error(
+            "victor_mp_metrics: the owner file of this process (%s.owner) was removed from %s; "
+            "created it again. Do not delete files from PROMETHEUS_MULTIPROC_DIR by hand: "
+            "`victor-metrics compact` removes what is safe to remove.", self.ident,
+            self.directory,
+        )
+
+    def take_write_errors(self) -> int:
+        """Write errors since the last call (for the caller to count)."""
+        new = self.write_errors - self._reported_errors
+        self._reported_errors = self.write_errors
+        return new
 
     def _drop_files(self) -> None:
         for value in self.values:
@@ -203,12 +236,15 @@ class ProcessStore:
         while not self.stopped.wait(WATCHDOG_INTERVAL):
             try:
                 self.check()
-                report_write_errors(self)
+                new = self.take_write_errors()
+                if new and self.on_write_errors is not None:
+                    self.on_write_errors(new)
             except Exception:  # pragma: no cover - never let the thread die silently
                 log.exception("victor_mp_metrics: watchdog check failed")
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's files (without unlocking them), reattach."""
+        """In a forked child: forget the parent's files (without unlocking them), reattach
+        every value from zero under a new ident."""
         self.lock = threading.Lock()
         for f in self.files.values():
             f.m.close()
@@ -218,53 +254,32 @@ class ProcessStore:
             os.close(self.owner_fd)  # closing our copy keeps the parent's lock
         self.owner_fd = None
         self.ident = None
+        self.dir_id = None
         self.watchdog = None
         self.stopped = threading.Event()
         self.failing = False
-        self.write_errors = 0
-        self.reported_errors = 0
+        self.write_errors = self._reported_errors = 0
+        self.pending = []
         for value in self.values:
             value._value = 0.0
             value._timestamp = 0.0
             self.attach(value)
-        _rebind_lock(self)
 
     def close(self) -> None:
+        """Stop the watchdog and close every file; values keep counting in memory only."""
         self.stopped.set()
         with self.lock:
             self._drop_files()
             self.values.clear()
-
-
-_store: ProcessStore | None = None
-
-
-def report_write_errors(store: ProcessStore) -> None:
-    """Add write errors counted since the last report to the self-metric counter."""
-    from . import selfmetrics
-
-    new = store.write_errors - store.reported_errors
-    if new > 0:
-        store.reported_errors = store.write_errors
-        selfmetrics.counter("write_errors").inc(new)
-
-
-def current_store() -> ProcessStore | None:
-    """The store of the installed value class, if multiprocess mode is active."""
-    return _store
-
-
-def _rebind_lock(store: ProcessStore) -> None:
-    # The value class closes over the lock for speed; after fork it gets the new one.
-    global _lock_cell
-    _lock_cell[0] = store.lock
-
-
-_lock_cell: list[threading.Lock] = [threading.Lock()]
+            self.pending.clear()
 
 
 def make_value_class(store: ProcessStore) -> type:
-    """A prometheus_client value class writing to ``store``'s files."""
+    """A prometheus_client value class writing to ``store``'s files.
+
+    The lock is looked up through a one-element cell so that after fork() the child's
+    new store lock is used by every value.
+    """
     cell = _lock_cell
 
     class FileValue:
@@ -277,7 +292,7 @@ def make_value_class(store: ProcessStore) -> type:
                      labelvalues: Any, help_text: str, multiprocess_mode: str = "",
                      **kwargs: Any) -> None:
             self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
-            self._key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
+            self._key = _encode_key(metric_name, name, labelnames, labelvalues, help_text)
             self._value = 0.0
             self._timestamp = 0.0
             self._file: _WriterFile | None = None
@@ -314,35 +329,15 @@ def make_value_class(store: ProcessStore) -> type:
     return FileValue
 
 
-def install_value_class(directory: str) -> ProcessStore:
-    """Make prometheus_client create file-backed values in ``directory`` from now on."""
-    global _store
-    if _store is not None and _store.directory == directory:
-        _pc_values.ValueClass = _store.value_class  # type: ignore[attr-defined]
-        return _store
-    uninstall_value_class()
-    store = ProcessStore(directory)
-    cls = make_value_class(store)
-    store.value_class = cls  # type: ignore[attr-defined]
+def _encode_key(metric_name: str, name: str, labelnames: Any, labelvalues: Any,
+                help_text: str) -> str:
+    return encode_key(metric_name, name, dict(zip(labelnames, labelvalues, strict=False)),
+                      help_text)
+
+
+_lock_cell: list[threading.Lock] = [threading.Lock()]
+
+
+def bind_lock(store: ProcessStore) -> None:
+    """Make every value class use ``store``'s lock (after install and after fork)."""
     _lock_cell[0] = store.lock
-    _store = store
-    _pc_values.ValueClass = cls
-    return store
-
-
-def uninstall_value_class() -> None:
-    """Close this process's files; existing values keep counting in memory only."""
-    global _store
-    store, _store = _store, None
-    if store is not None:
-        for value in store.values:
-            value._file = None
-        store.close()
-
-
-def _after_fork_in_child() -> None:
-    if _store is not None:
-        _store.after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,14 +1,13 @@
 """The archive manifest: which archive generation is current and which writers it absorbed.
 
-``manifest.json`` is the single commit point of a compaction (see ``compaction``)::
+``manifest.json`` is the single commit point of a compaction (see ``_compaction``)::
 
     {"generation": 7, "absorbed": ["123-9f2c01aa", ...], "epoch": "5be0c1d2e3f4a5b6"}
 
 ``epoch`` is drawn at random when a directory gets its first manifest, so a directory
 that was deleted and created again never passes for the old one in a reader's cache.
-
-It is replaced atomically (temp file, fsync, rename, fsync of the directory), so a reader
-sees either the old or the new manifest, never a mix.
+It is replaced atomically and durably (``_fs.write_file``): a reader sees either the
+old or the new manifest, never a mix.
 """
 
 from __future__ import annotations
@@ -18,7 +17,9 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
-from . import _files
+from ._format import CorruptFile
+from ._fs import Unreadable, read_small, write_file
+from ._names import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -31,39 +32,32 @@ class Manifest:
 
 
 def read_manifest(directory: str) -> Manifest:
-    """The manifest in ``directory``; an empty one (generation 0) if there is none."""
-    path = os.path.join(directory, _files.MANIFEST)
+    """The manifest in ``directory``; an empty one (generation 0) if there is none.
+
+    Raises :class:`CorruptFile` when it cannot be parsed or is not a regular file of ours.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | _files.OPEN_FLAGS)
-    except FileNotFoundError:
+        raw = read_small(directory, MANIFEST)
+    except Unreadable as err:
+        raise CorruptFile(f"{os.path.join(directory, MANIFEST)}: {err.reason}") from None
+    if raw is None:
         return Manifest()
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read()
     try:
         data = json.loads(raw)
-        return Manifest(
-            int(data["generation"]),
-            frozenset(map(str, data["absorbed"])),
-            str(data.get("epoch", "")),
-        )
+        absorbed = data["absorbed"]
+        if not isinstance(absorbed, list):
+            raise TypeError("absorbed is not a list")
+        return Manifest(int(data["generation"]), frozenset(map(str, absorbed)),
+                        str(data.get("epoch", "")))
     except (ValueError, KeyError, TypeError) as err:
-        raise _files.CorruptFile(f"{path}: {err}") from err
+        raise CorruptFile(f"{os.path.join(directory, MANIFEST)}: {err}") from err
 
 
 def write_manifest(directory: str, manifest: Manifest) -> None:
     """Replace the manifest atomically and durably."""
-    path = os.path.join(directory, _files.MANIFEST)
-    tmp = f"{path}.{secrets.token_hex(4)}{_files.TMP_SUFFIX}"
     body = json.dumps({
         "generation": manifest.generation,
         "absorbed": sorted(manifest.absorbed),
         "epoch": manifest.epoch or secrets.token_hex(8),
     }).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _files.OPEN_FLAGS, 0o600)
-    try:
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _files.fsync_dir(directory)
+    write_file(os.path.join(directory, MANIFEST), body)

@@ -1,8 +1,8 @@
 """System metrics, measured with psutil when /metrics is collected.
 
-Under Gunicorn the measured processes are the master (its pid is in
-``VICTOR_METRICS_MASTER_PID``, set by the on_starting hook and inherited by workers) and
-all its live descendants; otherwise the current process alone.
+Under Gunicorn the measured processes are the master (its pid is in the runtime, set by
+the on_starting hook and inherited by forked workers) and all its live descendants;
+otherwise the current process alone.
 
 CPU percent is psutil's per-process figure summed over the processes (100 = one core
 busy): for a process seen before it covers the time since the previous collection, so
@@ -15,7 +15,6 @@ process, as ``ps`` shows them).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -23,24 +22,20 @@ import psutil
 from prometheus_client import Metric
 from prometheus_client.core import GaugeMetricFamily
 
-from . import _state
+from . import _runtime
 from .catalog import CATALOG_BY_NAME
 
-MASTER_PID_ENV = "VICTOR_METRICS_MASTER_PID"
 FIRST_SAMPLE_INTERVAL = 0.1
-
-_lock = threading.Lock()
-_seen: dict[tuple[int, float], psutil.Process] = {}
 
 _GONE = (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied)
 
 
 def root_process() -> psutil.Process:
-    """The Gunicorn master named by ``VICTOR_METRICS_MASTER_PID`` if it runs, else this process."""
-    raw = os.environ.get(MASTER_PID_ENV, "")
-    if raw.strip().isdigit():
+    """The Gunicorn master (the runtime's ``master_pid``) if it runs, else this process."""
+    pid = _runtime.RUNTIME.master_pid
+    if pid is not None:
         try:
-            return psutil.Process(int(raw))
+            return psutil.Process(pid)
         except _GONE:
             pass
     return psutil.Process()
@@ -53,36 +48,42 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
         return [root]
 
 
-def _cpu_percent(tree: list[psutil.Process]) -> float:
-    """Sum of CPU percent over ``tree``; caller holds ``_lock``."""
-    current: dict[tuple[int, float], psutil.Process] = {}
-    new: list[psutil.Process] = []
-    for proc in tree:
-        try:
-            key = (proc.pid, proc.create_time())
-        except _GONE:
-            continue
-        known = _seen.get(key)
-        if known is None:
-            try:
-                proc.cpu_percent(None)
-            except _GONE:
-                continue
-            new.append(proc)
-            known = proc
-        current[key] = known
-    if new:
-        time.sleep(FIRST_SAMPLE_INTERVAL)
-    total = 0.0
-    for key, proc in current.items():
-        try:
-            total += proc.cpu_percent(None)
-        except _GONE:
-            del _seen[key]
-            continue
-    _seen.clear()
-    _seen.update(current)
-    return total
+class CpuSampler:
+    """The processes seen by the previous collection, so CPU percent covers the time since."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+
+    def cpu_percent(self, tree: list[psutil.Process]) -> float:
+        """Sum of CPU percent over ``tree``; a process gone meanwhile adds nothing."""
+        with self.lock:
+            current: dict[tuple[int, float], psutil.Process] = {}
+            new = False
+            for proc in tree:
+                try:
+                    key = (proc.pid, proc.create_time())
+                except _GONE:
+                    continue
+                known = self.seen.get(key)
+                if known is None:
+                    try:
+                        proc.cpu_percent(None)
+                    except _GONE:
+                        continue
+                    new = True
+                    known = proc
+                current[key] = known
+            if new:
+                time.sleep(FIRST_SAMPLE_INTERVAL)
+            total = 0.0
+            for key, proc in list(current.items()):
+                try:
+                    total += proc.cpu_percent(None)
+                except _GONE:
+                    del current[key]  # exited during the sample: not kept for next time
+            self.seen = current
+            return total
 
 
 def collect_system_metrics() -> list[Metric]:
@@ -90,8 +91,7 @@ def collect_system_metrics() -> list[Metric]:
     ``victor_system_uptime_seconds``, measured now."""
     root = root_process()
     tree = _tree(root)
-    with _lock:
-        cpu = _cpu_percent(tree)
+    cpu = _runtime.singleton("system_sampler", CpuSampler).cpu_percent(tree)
     rss = vms = 0
     for proc in tree:
         try:
@@ -119,8 +119,3 @@ def _family(name: str) -> GaugeMetricFamily:
     spec = CATALOG_BY_NAME[name]
     return GaugeMetricFamily(name, spec.help, labels=spec.labels)
 
-
-@_state.on_reset
-def _forget() -> None:
-    with _lock:
-        _seen.clear()

@@ -12,56 +12,52 @@ import base64
 import binascii
 import hmac
 import logging
-import os
-import threading
 import time
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import _bake_output
 from prometheus_client.metrics_core import Metric
 
-from . import _state, selfmetrics
-from .aggregate import DirectoryCollector
+from . import _compat, _derived, _runtime, _system
+from ._mpdir import ReadReport
+from ._selfmetrics import scrape_families
 from .settings import Settings
 
 log = logging.getLogger("victor_mp_metrics")
-_collectors: dict[str, DirectoryCollector] = {}
-_collectors_lock = threading.Lock()
 
 DISABLED_BODY = b"# victor_mp_metrics: metrics are disabled (VICTOR_METRICS_ENABLED=false)\n"
 
 
-def directory_collector(directory: str) -> DirectoryCollector:
-    """This process's cached aggregator of ``directory`` (its caches live across scrapes)."""
-    with _collectors_lock:
-        found = _collectors.get(directory)
-        if found is None:
-            found = _collectors[directory] = DirectoryCollector(directory)
-        return found
+def count_read(report: ReadReport) -> None:
+    """Turn what a read of the directory did into self-metrics."""
+    if report.corrupt:
+        _runtime.self_counter("corrupt_files").inc(report.corrupt)
+    store = _runtime.RUNTIME.store
+    if store is not None:
+        new = store.take_write_errors()
+        if new:
+            _runtime.self_counter("write_errors").inc(new)
 
 
 def gather(settings: Settings | None = None) -> list[Metric]:
     """Every metric family of the deployment, as a scrape would see it right now."""
-    s = settings or _state.get_settings()
+    s = settings or _runtime.get_settings()
     if not s.enabled:
         return []
     started = time.perf_counter()
     files = nbytes = 0
     if s.multiproc_dir is not None:
-        collector = directory_collector(s.multiproc_dir)
-        families = list(collector.collect())
-        files, nbytes = collector.stats.last_files, collector.stats.last_bytes
+        families, report = _runtime.reader(s.multiproc_dir).read()
+        count_read(report)
+        files, nbytes = report.files, report.nbytes
     else:
-        families = [_without_created(f) for f in _state.local_registry().collect()]
-    from . import derived, system
-
-    families = derived.with_derived(families)
+        families = [_without_created(f) for f in _runtime.local_registry().collect()]
+    families = _derived.with_derived(families)
     try:
-        families.extend(system.collect_system_metrics())
+        families.extend(_system.collect_system_metrics())
     except Exception:  # processes come and go; the rest of the scrape must not suffer
         log.exception("victor_mp_metrics: system metrics skipped in this scrape")
-    families.extend(selfmetrics.scrape_families(time.perf_counter() - started, files, nbytes))
+    families.extend(scrape_families(time.perf_counter() - started, files, nbytes))
     return families
 
 
@@ -110,7 +106,7 @@ def render(
     ``headers`` needs ``Accept``, ``Accept-Encoding`` and ``Authorization`` if present
     (looked up case-insensitively); ``params`` may carry ``name[]`` filters.
     """
-    s = settings or _state.get_settings()
+    s = settings or _runtime.get_settings()
     lower = {k.lower(): v for k, v in headers.items()}
     if not authorized(s, lower.get("authorization")):
         challenge = 'Bearer realm="metrics"' if s.auth_token else 'Basic realm="metrics"'
@@ -123,24 +119,7 @@ def render(
     if not s.enabled:
         return "200 OK", [("Content-Type", "text/plain; charset=utf-8")], DISABLED_BODY
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FamiliesCollector(gather(s)))  # type: ignore[arg-type]
-    status, out_headers, body = _bake_output(
-        registry, lower.get("accept"), lower.get("accept-encoding"), params or {}, False
+    registry.register(FamiliesCollector(gather(s)))
+    return _compat.bake_output(
+        registry, lower.get("accept"), lower.get("accept-encoding"), params or {}
     )
-    return status, list(out_headers), body
-
-
-@_state.on_reset
-def _reset() -> None:
-    with _collectors_lock:
-        _collectors.clear()
-
-
-def _after_fork_in_child() -> None:
-    # A scrape thread of the parent may have held these locks at fork time.
-    global _collectors_lock
-    _collectors_lock = threading.Lock()
-    _collectors.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

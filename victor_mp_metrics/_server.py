@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from . import _state
-from .exposition import render
+from . import _runtime
+from ._exposition import render
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -66,6 +66,10 @@ class MetricsServer:
     def addr(self) -> str:
         return str(self.httpd.server_address[0])
 
+    def abandon(self) -> None:
+        """In a forked child: close the inherited listening socket (the parent serves)."""
+        self.httpd.socket.close()
+
     def stop(self) -> None:
         """Stop serving and close the socket."""
         self.httpd.shutdown()
@@ -79,7 +83,7 @@ def start_metrics_server(port: int | None = None, addr: str | None = None) -> Me
     Defaults come from ``VICTOR_METRICS_PORT`` and ``VICTOR_METRICS_ADDR``. Port 0 picks a
     free port (see ``.port``). Each scrape builds a fresh registry over the whole directory.
     """
-    settings = _state.get_settings()
+    settings = _runtime.get_settings()
     if port is None:
         port = settings.port if settings.port is not None else 9090
     httpd = _Server((addr if addr is not None else settings.addr, port), _Handler)

@@ -1,0 +1,58 @@
+"""How the values of several files combine: the one merge rule of reader and compactor.
+
+As prometheus_client's ``MultiProcessCollector.merge``: counters, histograms, summaries
+and ``sum``/``livesum`` gauges add up; ``max``/``min`` gauges keep the extreme;
+``mostrecent`` gauges keep the value with the newest timestamp (ties: the first seen;
+never set: absent);
+``all``/``liveall`` gauges are one series per process (the reader adds a ``pid`` label,
+so they never meet here). When a writer dies, its ``live*`` and ``all`` gauges describe
+a process that no longer exists: they are dropped, never archived (:func:`archived`).
+"""
+
+from __future__ import annotations
+
+from typing import Final, TypeVar
+
+SUM: Final = 0
+MAX: Final = 1
+MIN: Final = 2
+RECENT: Final = 3
+
+_K = TypeVar("_K")
+
+
+def rule_of(mode: str) -> int:
+    """The rule for a file kind's gauge ``mode`` ("" for counters, histograms, summaries)."""
+    mode = mode.removeprefix("live")
+    if mode == "max":
+        return MAX
+    if mode == "min":
+        return MIN
+    if mode == "mostrecent":
+        return RECENT
+    return SUM
+
+
+def archived(mode: str) -> bool:
+    """Whether a dead writer's values of this gauge ``mode`` are kept in the archive."""
+    return not (mode.startswith("live") or mode == "all")
+
+
+def merge(
+    into: dict[_K, tuple[float, float]], key: _K, value: float, timestamp: float, rule: int
+) -> None:
+    """Combine (``value``, ``timestamp``) into ``into[key]`` by ``rule``."""
+    current = into.get(key)
+    if current is None:
+        if rule != RECENT or timestamp > 0.0:  # a never-set mostrecent gauge has no value
+            into[key] = (value, timestamp)
+    elif rule == SUM:
+        into[key] = (current[0] + value, 0.0)
+    elif rule == MAX:
+        if value > current[0]:
+            into[key] = (value, timestamp)
+    elif rule == MIN:
+        if value < current[0]:
+            into[key] = (value, timestamp)
+    elif timestamp > current[1]:  # RECENT
+        into[key] = (value, timestamp)

@@ -1,0 +1,375 @@
+"""The reader behind ``/metrics``: one consistent, cached read of the whole directory.
+
+It yields the samples prometheus_client's ``MultiProcessCollector`` yields on the same
+directory, and is correct under compaction, faults and hostile entries:
+
+* **Consistent snapshot.** It reads ``manifest.json``, lists the directory, reads the
+  archive of the manifest's generation and every writer file the manifest has not
+  absorbed, then reads the manifest again; if a compaction committed in between it
+  starts over. After :data:`_MAX_ATTEMPTS` such retries it reads once more holding
+  ``compact.lock`` shared, which no compaction can commit under: a busy compactor can
+  delay a scrape, never fail it. Each increment is counted once: in a writer file or in
+  the archive, never both, never neither.
+* **Liveness.** ``live*`` gauges of writers whose owner lock is free (dead) are skipped
+  at once, before any hook or compaction has run.
+* **Hostile entries.** Anything but a regular data file of ours (FIFO, symlink,
+  directory, socket, another uid's file, an impossible header, a malformed key) is
+  skipped without blocking (see ``_fs``), reported once per process, and moved to
+  ``quarantine/`` when its writer is dead. It never fails the scrape.
+* **Caches.** Parsed keys are cached by their bytes; each writer file's layout (keys and
+  offsets) is cached and only the appended tail is parsed; the archive of the current
+  generation is merged once and reused until the next compaction.
+
+The reader only reports (:class:`ReadReport`); the caller counts self-metrics.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+
+from ._format import TWO_DOUBLES, CorruptFile, Key, Labels, iter_entries, parse_key
+from ._fs import OPEN_FLAGS, Unreadable, open_regular, quarantine, read_data, read_used
+from ._liveness import writer_alive
+from ._manifest import Manifest, read_manifest
+from ._merge import merge, rule_of
+from ._names import COMPACT_LOCK, MANIFEST, DataFile, parse_name
+
+log = logging.getLogger("victor_mp_metrics")
+
+_MAX_ATTEMPTS = 5
+_LOCKED_READ_WAIT = 10.0
+
+SampleKey = tuple[str, Labels]
+
+
+class _Retry(Exception):
+    """The directory changed under a read; start the snapshot again."""
+
+
+@dataclass
+class ReadReport:
+    """What one read of the directory did, for the caller to count and show."""
+
+    files: int = 0
+    nbytes: int = 0
+    retries: int = 0
+    duration: float = 0.0
+    corrupt: int = 0  # newly found unreadable entries to count (exactly once overall)
+    quarantined: int = 0
+
+
+def _bucket_bound(value: float) -> str:
+    # prometheus_client.utils.floatToGoString, for the values a bucket bound can take.
+    if value == float("inf"):
+        return "+Inf"
+    if value == float("-inf"):
+        return "-Inf"
+    text = repr(float(value))
+    if "e+" in text:
+        mantissa, exponent = text.split("e+")
+        return f"{mantissa}e+{int(exponent):02d}"
+    return text
+
+
+class _Family:
+    """The merged values of one metric family."""
+
+    __slots__ = ("buckets", "help", "mode", "rule", "typ", "values")
+
+    def __init__(self, typ: str, help_text: str, mode: str) -> None:
+        self.typ = typ
+        self.help = help_text
+        self.mode = mode
+        self.rule = rule_of(mode)
+        self.values: dict[SampleKey, tuple[float, float]] = {}
+        # histogram bucket sample key -> (labels without le, bound)
+        self.buckets: dict[SampleKey, tuple[Labels, float]] = {}
+
+    def copy(self) -> _Family:
+        new = _Family(self.typ, self.help, self.mode)
+        new.values = dict(self.values)
+        new.buckets = dict(self.buckets)
+        return new
+
+    def add(self, key: Key, value: float, timestamp: float, ident: str) -> None:
+        labels = key.labels
+        if self.mode in ("all", "liveall"):
+            labels = (*labels, ("pid", ident))
+        sk = (key.sample, labels)
+        if key.le is not None and self.typ == "histogram":
+            self.buckets[sk] = (key.without_le, key.le)
+        merge(self.values, sk, value, timestamp, self.rule)
+
+    def metric(self, name: str) -> Metric:
+        metric = Metric(name, self.help, self.typ)
+        samples = metric.samples
+        buckets: dict[Labels, list[tuple[float, float]]] = {}
+        for sk, (value, _ts) in self.values.items():
+            bucket = self.buckets.get(sk)
+            if bucket is not None:
+                buckets.setdefault(bucket[0], []).append((bucket[1], value))
+            else:
+                samples.append(Sample(sk[0], dict(sk[1]), value))
+        for labels, bounds in buckets.items():
+            acc = 0.0
+            for bound, value in sorted(bounds):
+                acc += value
+                le = dict(labels)
+                le["le"] = _bucket_bound(bound)
+                samples.append(Sample(name + "_bucket", le, acc))
+            samples.append(Sample(name + "_count", dict(labels), acc))
+        return metric
+
+
+class _Layout:
+    """Parsed keys and value offsets of one writer file, extended as the file grows."""
+
+    __slots__ = ("entries", "inode", "used")
+
+    def __init__(self, inode: tuple[int, int]) -> None:
+        self.inode = inode
+        self.used = 8
+        self.entries: list[tuple[Key, int]] = []
+
+
+class DirectoryReader:
+    """Aggregates a multiprocess directory; one per process and directory (caches)."""
+
+    def __init__(self, directory: str, *, read_only: bool = False) -> None:
+        """Read ``directory``. ``read_only`` never moves an unreadable file (for tools that
+        only look); such files are still skipped and reported."""
+        self.directory = directory
+        self.read_only = read_only
+        self.last = ReadReport()
+        self._lock = threading.Lock()
+        self._keys: dict[bytes, Key] = {}
+        self._layouts: dict[str, _Layout] = {}
+        self._archive: tuple[tuple[str, int], dict[str, _Family]] | None = None
+        self._warned: set[tuple[str, tuple[int, int]]] = set()
+
+    def collect(self) -> Iterable[Metric]:
+        """The aggregated families (prometheus_client collector protocol)."""
+        return self.read()[0]
+
+    def read(self) -> tuple[list[Metric], ReadReport]:
+        """Every family of the directory, and what the read did."""
+        with self._lock:
+            report = ReadReport()
+            started = time.perf_counter()
+            families = None
+            for _ in range(_MAX_ATTEMPTS):
+                try:
+                    families = self._snapshot(report)
+                    break
+                except _Retry:
+                    report.retries += 1
+            if families is None:
+                families = self._locked_snapshot(report)
+            report.duration = time.perf_counter() - started
+            self.last = report
+            return [fam.metric(name) for name, fam in families.items()], report
+
+    def _locked_snapshot(self, report: ReadReport) -> dict[str, _Family]:
+        """A snapshot under a shared ``compact.lock``: no compaction commits meanwhile."""
+        try:
+            fd = os.open(os.path.join(self.directory, COMPACT_LOCK),
+                         os.O_RDONLY | os.O_NONBLOCK | OPEN_FLAGS)
+        except OSError as err:
+            raise RuntimeError(
+                f"{self.directory} changed under {_MAX_ATTEMPTS} consecutive reads and its "
+                f"{COMPACT_LOCK} cannot be opened ({err.strerror}); is something other than "
+                "victor_mp_metrics rewriting it?"
+            ) from None
+        try:
+            deadline = time.monotonic() + _LOCKED_READ_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"a compaction of {self.directory} held {COMPACT_LOCK} for more "
+                            f"than {_LOCKED_READ_WAIT:.0f} s"
+                        ) from None
+                    time.sleep(0.005)
+            try:
+                return self._snapshot(report)
+            except _Retry:
+                raise RuntimeError(
+                    f"{self.directory} changed while {COMPACT_LOCK} was held; is something "
+                    "other than victor_mp_metrics rewriting it?"
+                ) from None
+        finally:
+            os.close(fd)
+
+    # -- one snapshot --
+
+    def _snapshot(self, report: ReadReport) -> dict[str, _Family]:
+        manifest = self._manifest(report)
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return {}
+        families = self._archive_families(manifest, names, report)
+        alive: dict[str, bool] = {}
+        files = nbytes = 0
+        seen: set[str] = set()
+        for name in names:
+            info = parse_name(name)
+            if info is None or info.is_archive or info.ident in manifest.absorbed:
+                continue
+            if info.is_live_gauge:
+                live = alive.get(info.ident)
+                if live is None:
+                    path = os.path.join(self.directory, name)
+                    live = alive[info.ident] = writer_alive(self.directory, info.ident, path)
+                if not live:
+                    continue
+            seen.add(name)
+            n = self._read_writer_file(info, families, report)
+            if n:
+                files += 1
+                nbytes += n
+        for stale in self._layouts.keys() - seen:
+            del self._layouts[stale]
+        if self._manifest(report) != manifest:
+            raise _Retry
+        report.files = files
+        report.nbytes = nbytes
+        return families
+
+    def _manifest(self, report: ReadReport) -> Manifest:
+        try:
+            return read_manifest(self.directory)
+        except CorruptFile as err:
+            self._report(MANIFEST, (0, 0), str(err), report)
+            return Manifest()
+
+    def _archive_families(
+        self, manifest: Manifest, names: list[str], report: ReadReport
+    ) -> dict[str, _Family]:
+        cached = self._archive
+        version = (manifest.epoch, manifest.generation)
+        if cached is None or cached[0] != version:
+            families: dict[str, _Family] = {}
+            for name in names:
+                info = parse_name(name)
+                if info is None or info.generation != manifest.generation:
+                    continue
+                try:
+                    data, _stat = read_data(self.directory, name)
+                    entries = [(self._key(raw), v, t)
+                               for raw, v, t, _pos in _entries(data)]
+                except FileNotFoundError:
+                    raise _Retry from None
+                except Unreadable as err:
+                    self._report(name, (0, 0), err.reason, report)
+                    continue
+                for key, value, timestamp in entries:
+                    self._family(families, key, info).add(key, value, timestamp, info.ident)
+            cached = self._archive = (version, families)
+        return {name: fam.copy() for name, fam in cached[1].items()}
+
+    def _read_writer_file(
+        self, info: DataFile, families: dict[str, _Family], report: ReadReport
+    ) -> int:
+        try:
+            fd, stat = open_regular(self.directory, info.name)
+        except FileNotFoundError:
+            return 0  # compacted away after we listed it: the manifest check catches it
+        except Unreadable as err:
+            self._unreadable(info, (0, 0), err, report)
+            return 0
+        inode = (stat.st_dev, stat.st_ino)
+        try:
+            data = read_used(fd, stat)
+        except Unreadable as err:
+            self._unreadable(info, inode, err, report)
+            return 0
+        finally:
+            os.close(fd)
+        layout = self._layouts.get(info.name)
+        if layout is None or layout.inode != inode or layout.used > len(data):
+            layout = self._layouts[info.name] = _Layout(inode)
+        if len(data) > layout.used:
+            try:
+                tail = [(self._key(raw), pos) for raw, _v, _t, pos in _entries(data)
+                        if pos >= layout.used]
+            except Unreadable as err:
+                del self._layouts[info.name]
+                self._unreadable(info, inode, err, report)
+                return 0
+            layout.entries.extend(tail)
+            layout.used = len(data)
+        unpack = TWO_DOUBLES.unpack_from
+        for key, pos in layout.entries:
+            value, timestamp = unpack(data, pos)
+            self._family(families, key, info).add(key, value, timestamp, info.ident)
+        return len(data)
+
+    # -- helpers --
+
+    def _key(self, raw: bytes) -> Key:
+        key = self._keys.get(raw)
+        if key is None:
+            try:
+                key = self._keys[raw] = parse_key(raw)
+            except CorruptFile as err:
+                raise Unreadable(str(err), corrupt=True) from None
+        return key
+
+    @staticmethod
+    def _family(families: dict[str, _Family], key: Key, info: DataFile) -> _Family:
+        fam = families.get(key.metric)
+        if fam is None:
+            fam = families[key.metric] = _Family(info.typ, key.help, info.mode)
+        return fam
+
+    def _unreadable(
+        self, info: DataFile, inode: tuple[int, int], err: Unreadable, report: ReadReport
+    ) -> None:
+        first = self._report(info.name, inode, err.reason, report, count=False)
+        if self.read_only:
+            return
+        if not writer_alive(self.directory, info.ident):
+            # Whoever moves the file counts it: exactly once across all processes.
+            if quarantine(self.directory, info.name):
+                report.quarantined += 1
+                report.corrupt += 1
+        elif first:
+            report.corrupt += 1  # a live writer's file: once per process that reads it
+
+    def _report(
+        self, name: str, inode: tuple[int, int], reason: str, report: ReadReport,
+        count: bool = True,
+    ) -> bool:
+        """Log an unreadable entry once per process; True the first time."""
+        if (name, inode) in self._warned:
+            return False
+        self._warned.add((name, inode))
+        log.error(
+            "victor_mp_metrics: skipping corrupt or unreadable metrics file %s (%s); the rest "
+            "of the scrape is unaffected. Run `victor-metrics doctor` for details.",
+            os.path.join(self.directory, name), reason,
+        )
+        if count and not self.read_only:
+            report.corrupt += 1
+        return True
+
+
+def _entries(data: bytes) -> list[tuple[bytes, float, float, int]]:
+    try:
+        return list(iter_entries(data, len(data)))
+    except CorruptFile as err:
+        raise Unreadable(str(err), corrupt=True) from None
+
