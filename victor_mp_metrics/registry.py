@@ -269,22 +269,15 @@ class PrometheusRegistry:
             call, found = None, None
         if found is not None:
             return found
-        result = self._define(kind, name, help, const, label_names, buckets=buckets, mode=mode)
+        result = self._define(kind, name, help, const, label_names, buckets, mode)
         if call is not None and all(type(v) is str for _, v in call[2]):
             self._calls[call] = result
         return result
 
-    def _define(
-        self,
-        kind: str,
-        name: str,
-        help: str,
-        const: Mapping[str, str] | None,
-        label_names: Sequence[str],
-        *,
-        buckets: Sequence[float] | None = None,
-        mode: str | None = None,
-    ) -> Any:
+    def _define(self, kind: str, name: str, help: str, const: Mapping[str, str] | None,
+                label_names: Sequence[str], buckets: Sequence[float] | None,
+                mode: str | None) -> Any:
+        """The slow path of :meth:`_get`: validate, compare with earlier definitions, create."""
         const = dict(const or {})
         if isinstance(label_names, str):
             raise MetricDefinitionError(
