@@ -330,8 +330,7 @@ def _remove(directory: str, names: list[str]) -> int:
     """Unlink ``names``, owner files last: an owner file outlives its data files."""
     removed = 0
     for name in sorted(names, key=lambda n: n.endswith(OWNER_SUFFIX)):
-        unlink_quietly(os.path.join(directory, name))
-        removed += 1
+        removed += unlink_quietly(os.path.join(directory, name))
     return removed
 
 

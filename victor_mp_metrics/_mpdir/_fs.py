@@ -187,11 +187,14 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> bool:
+    """Remove the name ``path`` (never what a symlink points to); False if it was gone or
+    is a directory (which only a hostile hand puts there: it is left, never recursed)."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return False
+    return True
 
 
 def is_stale_temp(directory: str, name: str, min_age: float = 60.0) -> bool:

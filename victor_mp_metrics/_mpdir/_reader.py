@@ -180,9 +180,10 @@ class DirectoryReader:
 
     def _locked_snapshot(self, report: ReadReport) -> dict[str, _Family]:
         """A snapshot under a shared ``compact.lock``: no compaction commits meanwhile."""
+        create = 0 if self.read_only else os.O_CREAT
         try:
             fd = os.open(os.path.join(self.directory, COMPACT_LOCK),
-                         os.O_RDONLY | os.O_NONBLOCK | OPEN_FLAGS)
+                         os.O_RDONLY | os.O_NONBLOCK | OPEN_FLAGS | create, 0o600)
         except OSError as err:
             raise RuntimeError(
                 f"{self.directory} changed under {_MAX_ATTEMPTS} consecutive reads and its "
@@ -341,13 +342,12 @@ class DirectoryReader:
         first = self._report(info.name, inode, err.reason, report, count=False)
         if self.read_only:
             return
-        if not writer_alive(self.directory, info.ident):
+        if not writer_alive(self.directory, info.ident) and quarantine(self.directory, info.name):
             # Whoever moves the file counts it: exactly once across all processes.
-            if quarantine(self.directory, info.name):
-                report.quarantined += 1
-                report.corrupt += 1
+            report.quarantined += 1
+            report.corrupt += 1
         elif first:
-            report.corrupt += 1  # a live writer's file: once per process that reads it
+            report.corrupt += 1  # a file that stays: once per process that reads it
 
     def _report(
         self, name: str, inode: tuple[int, int], reason: str, report: ReadReport,
