@@ -78,13 +78,19 @@ def registered_children(metric: Any) -> dict[tuple[str, ...], Any]:
 
 def add_child(metric: Any, key: tuple[str, ...]) -> Any:
     """Build and register the child of ``metric`` for label values ``key`` (caller holds
-    the metric lock); it is collected like a child made by ``labels()``."""
-    child = metric.__class__(
-        metric._original_name,
-        metric._documentation,
-        metric._labelnames,
-        _labelvalues=key,
-        **metric._kwargs,
-    )
+    the metric lock); it is collected like a child made by ``labels()``.
+
+    As prometheus_client's own ``labels()``: from 0.24 the parent keeps its name as given
+    in ``_original_name`` and the child gets namespace, subsystem and unit again; before
+    0.24, ``_name`` already holds them (checked against 0.20.0, 0.23.1, 0.24.1, 0.26.0).
+    """
+    original = getattr(metric, "_original_name", None)
+    if original is None:
+        child = metric.__class__(metric._name, metric._documentation, metric._labelnames,
+                                 unit=metric._unit, _labelvalues=key, **metric._kwargs)
+    else:
+        child = metric.__class__(original, metric._documentation, metric._labelnames,
+                                 namespace=metric._namespace, subsystem=metric._subsystem,
+                                 unit=metric._unit, _labelvalues=key, **metric._kwargs)
     metric._metrics[key] = child
     return child
