@@ -15,6 +15,7 @@ from victor_mp_metrics.gunicorn_hooks import (  # noqa: F401 - Gunicorn looks th
     settings_or_exit,
     use_default_directory,
     when_ready,
+    worker_abort,
 )
 
 use_default_directory()

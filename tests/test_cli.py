@@ -15,7 +15,7 @@ import pytest
 
 from tests._dirs import data_files, live_owner, ours, write_data_file
 from tests._gunicorn import ROOT, free_port, request
-from victor_mp_metrics import _doctor, _runtime
+from victor_mp_metrics import _doctor, _runtime, cli
 from victor_mp_metrics._server import start_metrics_server
 from victor_mp_metrics.cli import main
 from victor_mp_metrics.exceptions import ConfigurationError
@@ -117,12 +117,18 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_no_directory_is_a_usage_error(capsys: pytest.CaptureFixture[str], command: str) -> None:
-    """Without --dir and PROMETHEUS_MULTIPROC_DIR every command exits 2 and says what to pass."""
+def test_no_directory_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], command: str, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """No --dir, no PROMETHEUS_MULTIPROC_DIR, no running master: exit 2, saying what to pass."""
+    monkeypatch.setattr(cli, "default_base", lambda: str(tmp_path / "base"))
     code, lines, err = run(capsys, command)
     assert (2, []) == (code, lines)
-    assert (f"victor-metrics {command}: error: no metrics directory: pass --dir DIR or set "
-            "PROMETHEUS_MULTIPROC_DIR") == err.splitlines()[-1]
+    assert (f"victor-metrics {command}: error: no metrics directory: PROMETHEUS_MULTIPROC_DIR "
+            f"is unset and no running Gunicorn master uses the built-in directory under "
+            f"{tmp_path / 'base'}. Pass --dir DIR or set PROMETHEUS_MULTIPROC_DIR."
+            ) == err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("command", ("compact", "dump", "serve"))

@@ -15,7 +15,7 @@ import pytest
 
 from victor_mp_metrics._exposition import DISABLED_BODY
 from victor_mp_metrics.catalog import CATALOG
-from victor_mp_metrics.gunicorn_hooks import default_directory
+from victor_mp_metrics.gunicorn_hooks import default_base
 
 from ._gunicorn import Gunicorn, Response, free_port, gunicorn, parse_samples, request, total
 
@@ -175,14 +175,10 @@ def test_master_metrics_port_serves_the_same_totals_as_the_app(tmp_path: Path) -
 
 
 def test_default_directory_is_used_when_the_variable_is_unset(tmp_path: Path) -> None:
-    """No PROMETHEUS_MULTIPROC_DIR: workers write to the private default directory, counted.
-
-    That directory is shared with any other master started without the variable, so this
-    test counts the difference its own requests make.
-    """
-    directory = Path(default_directory())
+    """No PROMETHEUS_MULTIPROC_DIR: workers write to the master's private default directory."""
     n = 60
     with gunicorn(tmp_path, workers=2, directory=False, args=ARGS, ready_path=READY) as server:
+        directory = Path(default_base()) / f"master-{server.proc.pid}"
         metrics = server.url + "/metrics"
         before = total(scrape(metrics), "victor_requests_total", **HEALTHZ)
         responses = concurrently(lambda _: server.get("/healthz"), range(n), threads=8)

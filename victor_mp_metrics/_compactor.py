@@ -9,6 +9,7 @@ readers in between. ``stop()`` returns within its timeout whatever the thread is
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from . import _mpdir, _runtime
@@ -47,10 +48,21 @@ class Compactor:
         while not self._stop.is_set():
             self._wake.wait(self.interval or None)
             self._wake.clear()
+            _take_master_lock(self.directory)
             while not self._stop.is_set():
                 result = run_compaction(self.directory)
                 if result is None or not result.remaining:
                     break
+
+
+def _take_master_lock(directory: str) -> None:
+    """After a USR2 upgrade the new master shares the old one's directory; once the old
+    master is gone, the new one holds ``master.lock`` itself."""
+    rt = _runtime.RUNTIME
+    if rt.master_lock_fd is None and rt.master_pid == os.getpid():
+        fd, _holder = _mpdir.claim(directory)
+        if fd >= 0:
+            rt.master_lock_fd = fd
 
 
 def run_compaction(directory: str) -> _mpdir.CompactionResult | None:

@@ -279,6 +279,14 @@ def check_url(url: str, token: str | None, basic_auth: str | None = None) -> lis
         return [Check("FAIL", "endpoint", f"{url} answered 200, but not Prometheus text ({err}).",
                       f"make sure {url} is the /metrics endpoint.")]
     checks = [Check("OK", "endpoint", f"{url} answered 200 with {len(families)} metric families.")]
+    for f in families:
+        for s in f.samples:
+            if s.name == "victor_metrics_misconfigured" and s.value:
+                checks.append(Check("FAIL", "deployment",
+                                    f"{url} says its totals are wrong or incomplete "
+                                    f"({s.labels.get('reason')}).",
+                                    "read the service's log: it says what is missing (the "
+                                    "Gunicorn hooks or a shared PROMETHEUS_MULTIPROC_DIR)."))
     series = sum(1 for f in families for s in f.samples if s.name == "victor_requests_total")
     if series:
         checks.append(Check("OK", "requests", f"victor_requests_total present ({series} series)."))

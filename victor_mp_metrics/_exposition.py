@@ -12,11 +12,14 @@ import base64
 import binascii
 import hmac
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
+import psutil
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from . import _compat, _derived, _runtime, _system
 from ._mpdir import ReadReport
@@ -39,6 +42,41 @@ def count_read(report: ReadReport) -> None:
             _runtime.self_counter("write_errors").inc(new)
 
 
+def deployment_problem(settings: Settings) -> str | None:
+    """Why this process's totals are not the deployment's, if it is a Gunicorn worker run
+    without a shared directory or without our hooks; None otherwise. Judged once."""
+    found = _runtime.singleton("deployment_problem", lambda: [_judge_deployment(settings)])
+    return found[0]
+
+
+def _judge_deployment(settings: Settings) -> str | None:
+    rt = _runtime.RUNTIME
+    if rt.master_pid is not None or "gunicorn" not in sys.modules:
+        return None
+    try:
+        parent = psutil.Process(os.getppid())
+        if not any("gunicorn" in part for part in parent.cmdline()):
+            return None
+        workers = len(parent.children())
+    except (psutil.Error, OSError):
+        return None
+    if not settings.multiprocess:
+        if workers < 2:
+            return None
+        reason = ("no_shared_directory",
+                  f"this Gunicorn worker has no PROMETHEUS_MULTIPROC_DIR, so each of the "
+                  f"{workers} workers answers /metrics with its own share only. Run Gunicorn "
+                  "with `-c gunicorn.conf.py` (or import victor_mp_metrics.gunicorn_hooks in "
+                  "your config)")
+    else:
+        reason = ("no_hooks",
+                  "Gunicorn runs without victor_mp_metrics.gunicorn_hooks: totals are "
+                  "exact, but dead workers' files are never compacted and live gauges of "
+                  "killed workers linger. Import the hooks in your gunicorn config")
+    log.warning("victor_mp_metrics: %s.", reason[1])
+    return reason[0]
+
+
 def gather(settings: Settings | None = None) -> list[Metric]:
     """Every metric family of the deployment, as a scrape would see it right now."""
     s = settings or _runtime.get_settings()
@@ -51,13 +89,25 @@ def gather(settings: Settings | None = None) -> list[Metric]:
         count_read(report)
         files, nbytes = report.files, report.nbytes
     else:
+        # Single process: our metrics, and the user's own on prometheus_client's default
+        # registry (a name on both is ours: it is the same metric).
         families = [_without_created(f) for f in _runtime.local_registry().collect()]
+        ours = {f.name for f in families}
+        families += [_without_created(f) for f in REGISTRY.collect() if f.name not in ours]
     families = _derived.with_derived(families)
     try:
         families.extend(_system.collect_system_metrics())
     except Exception:  # processes come and go; the rest of the scrape must not suffer
         log.exception("victor_mp_metrics: system metrics skipped in this scrape")
     families.extend(scrape_families(time.perf_counter() - started, files, nbytes))
+    problem = deployment_problem(s)
+    if problem is not None:
+        misconfigured = GaugeMetricFamily(
+            "victor_metrics_misconfigured",
+            "1 when the totals this process reports are wrong or incomplete (see the log).",
+            labels=("reason",))
+        misconfigured.add_metric((problem,), 1.0)
+        families.append(misconfigured)
     return families
 
 
@@ -74,6 +124,10 @@ class FamiliesCollector:
         self._families = list(families)
 
     def collect(self) -> Iterable[Metric]:
+        return self._families
+
+    def describe(self) -> Iterable[Metric]:
+        """The same families: prometheus_client's ``name[]`` filter looks names up here."""
         return self._families
 
 

@@ -52,6 +52,8 @@ class Runtime:
         self.compactor: Stoppable | None = None
         self.server: Stoppable | None = None
         self.master_pid: int | None = None
+        self.master_lock_fd: int | None = None
+        self.aborting = False  # Gunicorn is killing this worker for its timeout
 
 
 RUNTIME = Runtime()
@@ -206,6 +208,10 @@ def reset() -> None:
         rt.singletons.clear()
         rt.readers.clear()
         rt.master_pid = None
+        rt.aborting = False
+        if rt.master_lock_fd is not None:
+            os.close(rt.master_lock_fd)
+            rt.master_lock_fd = None
 
 
 def _after_fork_in_child() -> None:
@@ -214,6 +220,9 @@ def _after_fork_in_child() -> None:
     rt = RUNTIME
     rt.lock = threading.RLock()
     rt.readers = {}
+    if rt.master_lock_fd is not None:
+        os.close(rt.master_lock_fd)  # our copy only: the master keeps its lock
+        rt.master_lock_fd = None
     for running in (rt.compactor, rt.server):
         if running is not None:
             running.abandon()

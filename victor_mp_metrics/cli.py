@@ -20,6 +20,7 @@ from . import __version__, _derived, _doctor, _mpdir, _runtime
 from ._exposition import FamiliesCollector
 from ._server import start_metrics_server
 from .exceptions import ConfigurationError, VictorMetricsError
+from .gunicorn_hooks import default_base
 from .settings import Settings, load_settings
 
 PROG = "victor-metrics"
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    directory = args.dir or settings.multiproc_dir
+    directory = args.dir or settings.multiproc_dir or _running_master(command)
     if not directory:
-        return _no_directory(command)
+        return 2
     directory = os.path.abspath(directory)
     if args.command == "compact":
         return _compact(directory)
@@ -60,6 +61,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         epilog=f"DIR defaults to ${DIR_ENV}. Exit status: 0 ok, 1 problems found or "
         "operation failed, 2 usage or configuration error.",
     )
+    # DIR: --dir, else $PROMETHEUS_MULTIPROC_DIR, else the one running master's built-in one.
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -115,17 +117,28 @@ def _port(raw: str) -> int:
     return port
 
 
-def _no_directory(command: argparse.ArgumentParser) -> int:
+def _running_master(command: argparse.ArgumentParser) -> str:
+    """The built-in directory of the one running master (as gunicorn.conf.py picks it);
+    "" after saying why not (none running, or several to choose from)."""
+    base = default_base()
+    found = _mpdir.live_masters(base)
+    if len(found) == 1:
+        return found[0]
     command.print_usage(sys.stderr)
-    print(f"{command.prog}: error: no metrics directory: pass --dir DIR or set {DIR_ENV}",
-          file=sys.stderr)
-    return 2
+    if not found:
+        print(f"{command.prog}: error: no metrics directory: {DIR_ENV} is unset and no "
+              f"running Gunicorn master uses the built-in directory under {base}. Pass "
+              f"--dir DIR or set {DIR_ENV}.", file=sys.stderr)
+    else:
+        print(f"{command.prog}: error: {len(found)} running masters use built-in directories "
+              f"({', '.join(found)}); pass --dir with the one you mean.", file=sys.stderr)
+    return ""
 
 
 def _doctor_command(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
-    directory = args.dir or os.environ.get(DIR_ENV, "").strip()
+    directory = args.dir or os.environ.get(DIR_ENV, "").strip() or _running_master(command)
     if not directory:
-        return _no_directory(command)
+        return 2
     directory = os.path.abspath(directory)
     checks = [_doctor.check_settings(os.environ, directory), *_doctor.check_directory(directory)]
     if args.url:
@@ -146,6 +159,15 @@ def _doctor_command(args: argparse.Namespace, command: argparse.ArgumentParser) 
 def _compact(directory: str) -> int:
     if not os.path.isdir(directory):
         print(f"{PROG} compact: error: {directory} is not a directory", file=sys.stderr)
+        return 1
+    try:
+        problems = _mpdir.directory_problems(os.lstat(directory), directory)
+    except OSError as err:
+        problems = [(f"{directory}: {err.strerror}", "pass an existing directory with --dir.")]
+    if problems:
+        text, fix = problems[0]
+        print(f"{PROG} compact: error: {text}; the service refuses it, and so does compact. "
+              f"Fix: {fix}", file=sys.stderr)
         return 1
     try:
         settings = load_settings()

@@ -74,6 +74,7 @@ class VictorMetrics:
         if _runtime.get_settings().enabled:
             # Disabled metrics cost a request nothing: no hook, no middleware.
             got_request_exception.connect(_remember_exception, app, weak=False)
+            app.teardown_request(_remember_route)
             app.wsgi_app = _Middleware(app.wsgi_app, excluded)  # type: ignore[method-assign]
         if serve:
             app.add_url_rule(path, "victor_metrics", _metrics_view, methods=["GET"])
@@ -81,7 +82,15 @@ class VictorMetrics:
 
 def _remember_exception(sender: Flask, exception: BaseException, **extra: Any) -> None:
     # Sent by Flask for an unhandled exception, before it builds the 500 response.
-    request.environ.setdefault(_ERROR_KEY, type(exception).__name__)
+    request.environ.setdefault(_ERROR_KEY, instrument.error_type_of(exception))
+
+
+def _remember_route(exc: BaseException | None) -> None:
+    # A request ended by an exception (SystemExit of a worker timeout included) is counted
+    # after Flask has dropped its request object from the environ: keep the route now.
+    if exc is not None:
+        rule = request.url_rule
+        request.environ[_ENDPOINT_KEY] = rule.rule if rule is not None else UNMATCHED
 
 
 def _metrics_view() -> Response:
@@ -109,7 +118,7 @@ class _Middleware:
         try:
             body = self.wsgi_app(environ, capture)
         except BaseException as exc:
-            environ.setdefault(_ERROR_KEY, type(exc).__name__)
+            environ.setdefault(_ERROR_KEY, instrument.error_type_of(exc))
             tracker.answered(500)
             tracker.end()
             raise
@@ -141,9 +150,12 @@ class _Tracked:
         if self.endpoint is not None:
             return
         environ = self.environ
-        req = environ.get("werkzeug.request")
-        rule = req.url_rule if req is not None else None
-        self.endpoint = rule.rule if rule is not None else UNMATCHED
+        endpoint = environ.get(_ENDPOINT_KEY)
+        if endpoint is None:
+            req = environ.get("werkzeug.request")
+            rule = req.url_rule if req is not None else None
+            endpoint = rule.rule if rule is not None else UNMATCHED
+        self.endpoint = endpoint
         error_type = None
         if status >= 400:
             error_type = environ.get(_ERROR_KEY) or error_type_for_status(status)

@@ -43,10 +43,16 @@ log = logging.getLogger("victor_mp_metrics")
 F = TypeVar("F", bound=Callable[..., None])
 
 
-def default_directory() -> str:
-    """The built-in multiprocess directory: per user, on tmpfs (/dev/shm) when possible."""
+def default_base() -> str:
+    """Where the built-in directories live: per user, on tmpfs (/dev/shm) when possible."""
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else tempfile.gettempdir()
     return os.path.join(base, f"victor-metrics-{os.geteuid()}")
+
+
+def default_directory() -> str:
+    """The built-in multiprocess directory of this master: private to it, under
+    :func:`default_base`, so two masters of one user never mix their totals."""
+    return os.path.join(default_base(), f"{_mpdir.MASTER_PREFIX}{os.getpid()}")
 
 
 def settings_or_exit() -> DeploymentSettings:
@@ -60,13 +66,30 @@ def settings_or_exit() -> DeploymentSettings:
 
 
 def use_default_directory() -> str:
-    """Set ``PROMETHEUS_MULTIPROC_DIR`` to :func:`default_directory` unless set; return it."""
+    """Set ``PROMETHEUS_MULTIPROC_DIR`` to :func:`default_directory` unless set, and
+    configure the library now; return the directory.
+
+    Call it at the top of ``gunicorn.conf.py``: it runs in the master before the app is
+    imported (``--preload`` imports it before any hook), so metrics created at import time,
+    stock prometheus_client ones included, already write per-process files. Directories
+    of dead masters under :func:`default_base` are removed; a base that exists and is not
+    ours (another user's, a symlink) is refused.
+    """
     current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if current:
-        return current
-    path = default_directory()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
+    try:
+        if not current:
+            base = _mpdir.ensure_directory(default_base())
+            _mpdir.remove_dead_masters(base)
+            current = os.environ["PROMETHEUS_MULTIPROC_DIR"] = default_directory()
+        if load_settings().enabled:
+            _runtime.configure()
+    except VictorMetricsError as err:
+        raise SystemExit(f"victor_mp_metrics: refusing to start: {err}") from None
+    return current
+
+
+class _Fatal(SystemExit):
+    """A hook's refusal to go on: passes through :func:`_never_raise` and stops Gunicorn."""
 
 
 def _never_raise(hook: F) -> F:
@@ -74,6 +97,8 @@ def _never_raise(hook: F) -> F:
     def guarded(*args: Any) -> None:
         try:
             hook(*args)
+        except _Fatal:
+            raise
         except Exception:
             log.exception("victor_mp_metrics: the %s hook failed; Gunicorn goes on", hook.__name__)
             try:
@@ -98,9 +123,54 @@ def on_starting(server: Any) -> None:
         _runtime.RUNTIME.master_pid = os.getpid()
     except VictorMetricsError as err:
         raise SystemExit(f"victor_mp_metrics: refusing to start: {err}") from None
+    _log_through(server)
     if settings.multiprocess:
         assert settings.multiproc_dir is not None
+        _claim_directory(settings.multiproc_dir)
         _start_clean(settings.multiproc_dir)
+
+
+def _claim_directory(directory: str) -> None:
+    """One master per directory: refuse a second, unrelated, live master (a USR2 child of
+    the holder shares it and takes the lock when its parent exits)."""
+    fd, holder = _mpdir.claim(directory)
+    if fd >= 0:
+        _runtime.RUNTIME.master_lock_fd = fd
+        return
+    if holder == os.getppid():
+        log.info("victor_mp_metrics: sharing %s with the old master (pid %d) during an "
+                 "upgrade; totals carry over", directory, holder)
+        return
+    raise SystemExit(
+        f"victor_mp_metrics: refusing to start: another Gunicorn master (pid {holder}) uses "
+        f"PROMETHEUS_MULTIPROC_DIR={directory}, and two masters in one directory would sum "
+        "each other's workers. Give each master its own directory, or unset the variable "
+        "for a private default."
+    )
+
+
+class _ToGunicorn(logging.Handler):
+    """Hands library records to Gunicorn's error logger: its file, format and level."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.target.isEnabledFor(record.levelno):
+            self.target.handle(record)
+
+
+def _log_through(server: Any) -> None:
+    error_log = getattr(getattr(server, "log", None), "error_log", None)
+    if not isinstance(error_log, logging.Logger):
+        return
+    lib = logging.getLogger("victor_mp_metrics")
+    for handler in [h for h in lib.handlers if isinstance(h, _ToGunicorn)]:
+        lib.removeHandler(handler)
+    lib.addHandler(_ToGunicorn(error_log))
+    lib.setLevel(error_log.getEffectiveLevel())
+    lib.propagate = False
 
 
 @_never_raise
@@ -130,7 +200,15 @@ def when_ready(server: Any) -> None:
         compactor.start()
         rt.compactor = compactor
     if settings.port is not None and rt.server is None:
-        metrics_server = start_metrics_server(settings.port, settings.addr)
+        try:
+            metrics_server = start_metrics_server(settings.port, settings.addr)
+        except OSError as err:
+            # Fail fast: a master whose Prometheus target can never be up must not start.
+            raise _Fatal(
+                f"victor_mp_metrics: refusing to start: cannot serve /metrics on "
+                f"{settings.addr}:{settings.port} ({err.strerror or err}). Free the port or "
+                "change VICTOR_METRICS_PORT / VICTOR_METRICS_ADDR."
+            ) from None
         rt.server = metrics_server
         log.info("victor_mp_metrics: master serves /metrics on %s:%d", settings.addr,
                  metrics_server.port)
@@ -140,6 +218,13 @@ def when_ready(server: Any) -> None:
 def post_fork(server: Any, worker: Any) -> None:
     """In the new worker: nothing left to do (the runtime's after-fork handler closed the
     master's metrics socket and forgot its compactor); kept for existing configs."""
+
+
+@_never_raise
+def worker_abort(worker: Any) -> None:
+    """In a worker Gunicorn is killing for its timeout: the request cut short is recorded
+    with ``error_type="timeout"`` on its route (not as the ``SystemExit`` that follows)."""
+    _runtime.RUNTIME.aborting = True
 
 
 @_never_raise

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import psutil
 
+from . import _runtime
 from ._metrics import NoopMetric
 from .catalog import get_catalog
 
@@ -50,9 +51,17 @@ def error_type_for_status(status: int) -> str | None:
 
 
 def error_type_of(exc: BaseException) -> str:
-    """``exc.error_type`` if it is a non-empty str, else the exception's class name."""
+    """``exc.error_type`` if it is a non-empty str, else the exception's class name.
+
+    A ``SystemExit``/``KeyboardInterrupt`` cutting work short is not an error of the work:
+    ``timeout`` when Gunicorn is killing the worker for its timeout, else ``aborted``.
+    """
     value = getattr(exc, "error_type", None)
-    return value if isinstance(value, str) and value else type(exc).__name__
+    if isinstance(value, str) and value:
+        return value
+    if not isinstance(exc, Exception):
+        return "timeout" if _runtime.RUNTIME.aborting else "aborted"
+    return type(exc).__name__
 
 
 class _Tracked:

@@ -28,6 +28,7 @@ from ._fs import Unreadable, directory_problems, ensure_directory, write_file
 from ._inspect import Inspection, inspect
 from ._liveness import create_owner_file, writer_alive
 from ._manifest import Manifest, read_manifest, write_manifest
+from ._masters import MASTER_LOCK, MASTER_PREFIX, claim, live_masters, remove_dead_masters
 from ._names import COMPACT_LOCK, MANIFEST, QUARANTINE, TMP_SUFFIX, parse_name
 from ._reader import DirectoryReader, ReadReport
 from ._writer import ProcessStore, bind_lock, make_value_class
@@ -37,6 +38,8 @@ __all__ = [
     "DEFAULT_MAX_SERIES",
     "FAULT_POINTS",
     "MANIFEST",
+    "MASTER_LOCK",
+    "MASTER_PREFIX",
     "OVERFLOW",
     "QUARANTINE",
     "TMP_SUFFIX",
@@ -50,16 +53,19 @@ __all__ = [
     "ReadReport",
     "after_fork_in_child",
     "bind_lock",
+    "claim",
     "compact",
     "create_owner_file",
     "directory_problems",
     "encode_key",
     "ensure_directory",
     "inspect",
+    "live_masters",
     "make_value_class",
     "parse_name",
     "read_manifest",
     "recover",
+    "remove_dead_masters",
     "wipe_dead",
     "write_file",
     "write_manifest",
