@@ -38,7 +38,8 @@ VOLUME ["/run/victor-metrics"]
 
 # The default bind is loopback; in a container the app must listen on all interfaces.
 ENV VICTOR_BIND=0.0.0.0:8000 \
-    VICTOR_METRICS_PORT=9090
+    VICTOR_METRICS_PORT=9090 \
+    VICTOR_METRICS_ADDR=0.0.0.0
 # 8000: the app; 9090: aggregated /metrics served by the Gunicorn master.
 EXPOSE 8000 9090
 

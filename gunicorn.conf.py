@@ -10,6 +10,7 @@ import os
 from victor_mp_metrics.gunicorn_hooks import (  # noqa: F401 - Gunicorn looks these up by name
     child_exit,
     on_exit,
+    on_reload,
     on_starting,
     post_fork,
     settings_or_exit,

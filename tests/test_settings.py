@@ -22,6 +22,8 @@ BAD_VALUES = {
     "VICTOR_METRICS_ADDR": ["   ", "not a host!", "::zz::"],
     "PROMETHEUS_MULTIPROC_DIR": ["   ", "a\x00b"],
     "VICTOR_METRICS_AUTH_TOKEN": [" padded ", "\t"],
+    "VICTOR_METRICS_AUTH_TOKEN_FILE": ["/nonexistent/token", "/"],
+    "VICTOR_METRICS_WEB_CONFIG": ["/nonexistent/web.yml", "/"],
     "VICTOR_METRICS_BASIC_AUTH": ["nocolon", ":password", "user:"],
     "VICTOR_METRICS_MAX_SERIES": ["0", "-5", "many", "1000001"],
     "VICTOR_METRICS_SWEEP_INTERVAL": ["-1", "soon", "inf", "nan"],

@@ -13,10 +13,11 @@ import pwd
 import re
 import stat
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -62,6 +63,30 @@ def check_settings(environ: Mapping[str, str], directory: str | None) -> Check:
                      f"checking {directory}, but PROMETHEUS_MULTIPROC_DIR is {env_dir}.",
                      "give the service and this command the same directory.", details)
     return Check("OK", "settings", "loaded; effective values:", details=details)
+
+
+def check_secrets(environ: Mapping[str, str]) -> list[Check]:
+    """Secrets belong in files only the service can read, not in the environment."""
+    checks = []
+    in_env = [s.env for s in SETTINGS if s.secret and environ.get(s.env)]
+    if in_env:
+        checks.append(Check("WARN", "secrets", f"{', '.join(in_env)} set in the environment, "
+                            "which child processes and /proc/PID/environ of this user show.",
+                            "put the token in VICTOR_METRICS_AUTH_TOKEN_FILE (mode 0600), "
+                            "or basic auth users in a VICTOR_METRICS_WEB_CONFIG file."))
+    for env in ("VICTOR_METRICS_WEB_CONFIG", "VICTOR_METRICS_AUTH_TOKEN_FILE"):
+        path = environ.get(env, "").strip()
+        if not path:
+            continue
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            continue  # the settings check reports a missing file
+        if mode & 0o077:
+            checks.append(Check("WARN", "secrets", f"{env}={path} is readable by other users "
+                                f"(mode {mode:04o}); it holds credentials.",
+                                f"`chmod 600 {path}`."))
+    return checks
 
 
 def _shown(settings: Settings, name: str, secret: bool) -> str:
@@ -243,6 +268,25 @@ def _quarantine(path: str, names: list[str]) -> Check:
                  f"look at them, then delete them (`rm -r {qdir}`).")
 
 
+class _SameOriginCredentials(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send ``Authorization`` only to the origin it was given for."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            for name in ("Authorization", "authorization"):
+                new.headers.pop(name, None)
+                new.unredirected_hdrs.pop(name, None)
+        return new
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or ""), parts.port or default
+
+
 def check_url(url: str, token: str | None, basic_auth: str | None = None) -> list[Check]:
     """GET a /metrics URL and check it answers Prometheus text with our request counter."""
     headers = {"Accept": "text/plain"}
@@ -250,13 +294,14 @@ def check_url(url: str, token: str | None, basic_auth: str | None = None) -> lis
         headers["Authorization"] = f"Bearer {token}"
     elif basic_auth:
         headers["Authorization"] = "Basic " + base64.b64encode(basic_auth.encode()).decode()
+    opener = urllib.request.build_opener(_SameOriginCredentials)
     try:
         request = urllib.request.Request(url, headers=headers)
     except ValueError as err:
         return [Check("FAIL", "endpoint", f"{url!r} is not a URL ({err}).",
                       "give a full URL such as http://localhost:9090/metrics.")]
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+        with opener.open(request, timeout=URL_TIMEOUT) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as err:
         status, body = err.code, b""

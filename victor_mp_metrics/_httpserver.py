@@ -272,6 +272,11 @@ class ServerHandle:
         if not self._thread.is_alive() and not any(t.is_alive() for t in self._workers):
             self._wake_w.close()  # else a late worker may still write: left to the GC
 
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether connections are served over TLS."""
+        return self._ssl_context is not None
+
     def reload_ssl(self, context: ssl.SSLContext) -> None:
         """Use ``context`` for connections accepted from now on; open ones keep theirs."""
         if not self._tls:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return _compact(directory)
     if args.command == "dump":
         return _dump(directory, args.format)
-    return _serve(directory, settings, args.port, args.addr)
+    return _serve(directory, settings, args.port, args.addr, args.web_config)
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -103,7 +103,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     serve = commands["serve"]
     serve.add_argument("--port", type=_port, help="port (default: $VICTOR_METRICS_PORT or 9090; "
                        "0 picks a free one)")
-    serve.add_argument("--addr", help="address to bind (default: $VICTOR_METRICS_ADDR or 0.0.0.0)")
+    serve.add_argument("--addr",
+                       help="address to bind (default: $VICTOR_METRICS_ADDR or 127.0.0.1)")
+    serve.add_argument("--web-config", metavar="FILE",
+                       help="exporter-toolkit web config: TLS, client certificates, bcrypt "
+                       "basic auth (default: $VICTOR_METRICS_WEB_CONFIG); re-read on SIGHUP")
     return parser, commands
 
 
@@ -140,7 +144,8 @@ def _doctor_command(args: argparse.Namespace, command: argparse.ArgumentParser) 
     if not directory:
         return 2
     directory = os.path.abspath(directory)
-    checks = [_doctor.check_settings(os.environ, directory), *_doctor.check_directory(directory)]
+    checks = [_doctor.check_settings(os.environ, directory), *_doctor.check_secrets(os.environ),
+              *_doctor.check_directory(directory)]
     if args.url:
         try:
             settings: Settings | None = load_settings()
@@ -205,7 +210,8 @@ def _dump(directory: str, fmt: str) -> int:
     return 0
 
 
-def _serve(directory: str, settings: Settings, port: int | None, addr: str | None) -> int:
+def _serve(directory: str, settings: Settings, port: int | None, addr: str | None,
+           web_config: str | None) -> int:
     settings = dataclasses.replace(settings, multiproc_dir=directory)
     try:
         _runtime.configure(settings)
@@ -215,22 +221,33 @@ def _serve(directory: str, settings: Settings, port: int | None, addr: str | Non
     if not settings.enabled:
         print(f"{PROG} serve: warning: VICTOR_METRICS_ENABLED=false, /metrics says so and "
               "nothing else", file=sys.stderr)
-    stop = threading.Event()
+    stop, hup = threading.Event(), threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: hup.set())
     try:
         try:
-            server = start_metrics_server(port, addr)
+            server = start_metrics_server(port, addr, web_config)
         except OSError as err:
             where = f"{addr or settings.addr}:{port if port is not None else settings.port or 9090}"
             print(f"{PROG} serve: error: cannot listen on {where}: {err.strerror or err}. "
                   "Choose another --port or --addr.", file=sys.stderr)
             return 1
+        except ValueError as err:  # WebConfigError
+            print(f"{PROG} serve: error: {err}", file=sys.stderr)
+            return 1
         host = f"[{server.addr}]" if ":" in server.addr else server.addr
-        print(f"serving the metrics of {directory} on http://{host}:{server.port}/metrics "
+        scheme = "https" if (web_config or settings.web_config) and server.handle_tls else "http"
+        print(f"serving the metrics of {directory} on {scheme}://{host}:{server.port}/metrics "
               "(stop with Ctrl-C or SIGTERM)", flush=True)
         while not stop.wait(0.5):
-            pass
+            if hup.is_set():
+                hup.clear()
+                try:
+                    server.reload()
+                except ValueError as err:
+                    print(f"{PROG} serve: warning: web config not reloaded: {err}",
+                          file=sys.stderr)
         server.stop()
         print("stopped", flush=True)
         return 0

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from . import _mpdir, _runtime
 from ._compactor import Compactor, run_compaction
-from ._server import start_metrics_server
+from ._server import MetricsServer, start_metrics_server
 from .exceptions import VictorMetricsError
 from .settings import DeploymentSettings, load_deployment_settings, load_settings
 
@@ -209,6 +209,8 @@ def when_ready(server: Any) -> None:
                 f"{settings.addr}:{settings.port} ({err.strerror or err}). Free the port or "
                 "change VICTOR_METRICS_PORT / VICTOR_METRICS_ADDR."
             ) from None
+        except ValueError as err:
+            raise _Fatal(f"victor_mp_metrics: refusing to start: {err}") from None
         rt.server = metrics_server
         log.info("victor_mp_metrics: master serves /metrics on %s:%d", settings.addr,
                  metrics_server.port)
@@ -218,6 +220,14 @@ def when_ready(server: Any) -> None:
 def post_fork(server: Any, worker: Any) -> None:
     """In the new worker: nothing left to do (the runtime's after-fork handler closed the
     master's metrics socket and forgot its compactor); kept for existing configs."""
+
+
+@_never_raise
+def on_reload(server: Any) -> None:
+    """SIGHUP in the master: re-read the metrics port's web config (certificate rotation)."""
+    running = _runtime.RUNTIME.server
+    if isinstance(running, MetricsServer):
+        running.reload()
 
 
 @_never_raise

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, TypeVar
 
 from .exceptions import ConfigurationError
@@ -110,6 +110,13 @@ def _secret(raw: str) -> str:
     return raw
 
 
+def _readable_file(raw: str) -> str:
+    path = os.path.abspath(raw.strip())
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError("the path of an existing file this process can read")
+    return path
+
+
 def _basic_auth(raw: str) -> str:
     user, sep, password = raw.partition(":")
     if not sep or not user or not password:
@@ -137,13 +144,24 @@ SETTINGS: tuple[Setting, ...] = (
             "Record metrics. When false every API is a cheap no-op and no files are written."),
     Setting("port", "VICTOR_METRICS_PORT", _int_range(1, 65535), None, "1-65535",
             "If set, the Gunicorn master serves the aggregated /metrics on this port."),
-    Setting("addr", "VICTOR_METRICS_ADDR", _host, "0.0.0.0", "IP address or host name",
-            "Bind address of the standalone metrics server."),
+    Setting("addr", "VICTOR_METRICS_ADDR", _host, "127.0.0.1", "IP address or host name",
+            "Bind address of the standalone metrics server. Loopback by default, so nothing "
+            "is exposed unasked; set 0.0.0.0 for a Prometheus on another host, with "
+            "VICTOR_METRICS_WEB_CONFIG (TLS, basic auth) when the network is not trusted."),
     Setting("multiproc_dir", "PROMETHEUS_MULTIPROC_DIR", _path, None, "directory path",
             "Shared directory of the per-process metric files. Unset: single-process mode, "
             "except under gunicorn.conf.py, which picks a private default."),
     Setting("auth_token", "VICTOR_METRICS_AUTH_TOKEN", _secret, None, "non-empty string",
-            "If set, /metrics requires `Authorization: Bearer <token>`.", secret=True),
+            "If set, /metrics requires `Authorization: Bearer <token>`. Prefer "
+            "VICTOR_METRICS_AUTH_TOKEN_FILE: the environment leaks to child processes.",
+            secret=True),
+    Setting("auth_token_file", "VICTOR_METRICS_AUTH_TOKEN_FILE", _readable_file, None,
+            "path to a file", "Read the bearer token from this file (its first line); "
+            "wins over VICTOR_METRICS_AUTH_TOKEN."),
+    Setting("web_config", "VICTOR_METRICS_WEB_CONFIG", _readable_file, None, "path to a file",
+            "Prometheus exporter-toolkit web config (`tls_server_config`, "
+            "`basic_auth_users` with bcrypt hashes, `http_server_config.headers`) for the "
+            "master's port and `victor-metrics serve`; re-read on SIGHUP."),
     Setting("basic_auth", "VICTOR_METRICS_BASIC_AUTH", _basic_auth, None, "USER:PASSWORD",
             "If set, /metrics requires HTTP basic auth with these credentials.", secret=True),
     Setting("max_series", "VICTOR_METRICS_MAX_SERIES", _int_range(1, 1_000_000), 1000,
@@ -177,9 +195,11 @@ class Settings:
 
     enabled: bool = True
     port: int | None = None
-    addr: str = "0.0.0.0"
+    addr: str = "127.0.0.1"
     multiproc_dir: str | None = None
     auth_token: str | None = field(default=None, repr=False)
+    auth_token_file: str | None = None
+    web_config: str | None = None
     basic_auth: str | None = field(default=None, repr=False)
     max_series: int = 1000
     sweep_interval: float = 60.0
@@ -238,12 +258,28 @@ def _load(
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read the library's settings from ``environ`` (default ``os.environ``); ``overrides``
-    win. Deployment variables are not read.
+    win. Deployment variables are not read. A token file's token becomes ``auth_token``.
 
     Raises :class:`ConfigurationError` naming the variable, the value and what is accepted.
     An empty variable counts as unset.
     """
-    return _load(Settings, "library", environ, overrides)
+    settings = _load(Settings, "library", environ, overrides)
+    if settings.auth_token_file is not None:
+        try:
+            with open(settings.auth_token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigurationError(
+                f"VICTOR_METRICS_AUTH_TOKEN_FILE={settings.auth_token_file!r} cannot be read "
+                f"({err}). Fix the file or unset the variable."
+            ) from None
+        if not token:
+            raise ConfigurationError(
+                f"VICTOR_METRICS_AUTH_TOKEN_FILE={settings.auth_token_file!r} is empty: put "
+                "the token on its first line."
+            )
+        settings = replace(settings, auth_token=token)
+    return settings
 
 
 def load_deployment_settings(environ: Mapping[str, str] | None = None) -> DeploymentSettings:
