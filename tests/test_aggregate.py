@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from victor_mp_metrics import _mpdir
+from victor_mp_metrics import _compat
 from victor_mp_metrics._mpdir import DirectoryReader, compact
 
 from ._dirs import live_owner, ours, read_data_file, stock, write_data_file
 
-_MODES = sorted(_mpdir._names.GAUGE_MODES)
+_MODES = sorted(_compat.GAUGE_MODES)  # stock modes: info and stateset are ours
 _values = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False).map(lambda v: round(v, 3))
 _labels = st.sampled_from([{}, {"a": "x"}, {"a": "y"}, {"a": "x", "b": "ü z"}])
 

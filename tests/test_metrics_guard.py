@@ -138,9 +138,6 @@ def test_labels_on_unlabelled_metric_and_child(requests: Counter) -> None:
         ("summary", "ok", ("quantile",), "summary 'ok': label name 'quantile' is reserved on a "
          "summary (Prometheus adds it to every quantile); rename it, for example to "
          "'quantile_label'"),
-        ("gauge", "ok", ("pid",), "gauge 'ok': label name 'pid' is reserved on a gauge "
-         "(multiprocess aggregation adds it to per-process gauge series); rename it, for "
-         "example to 'pid_label'"),
         ("counter", "ok", ("a", "a"), "counter 'ok': label name 'a' is given twice in "
          "('a', 'a')"),
     ],

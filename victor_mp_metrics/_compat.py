@@ -7,8 +7,8 @@ import time by :func:`check_version` rather than counting nothing in silence.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
@@ -94,3 +94,86 @@ def add_child(metric: Any, key: tuple[str, ...]) -> Any:
                                  unit=metric._unit, _labelvalues=key, **metric._kwargs)
     metric._metrics[key] = child
     return child
+
+
+# --- multiprocess mode for what prometheus_client keeps in memory only ------------------------
+# Checked against 0.20.0 - 0.26.x: Info keeps its dict in ``_value`` and Enum its state index
+# in ``_value`` with the names in ``_states``; Gauge.set_function replaces
+# ``_child_samples``; remove()/clear() edit ``_metrics`` under ``_lock`` (and warn in
+# multiprocess mode, which we replace by tombstones).
+
+
+class MultiprocessSink(Protocol):
+    """What the patched methods report to (the runtime, writing through the store)."""
+
+    def record_info(self, name: str, labels: dict[str, str], help_text: str,
+                    info: dict[str, str]) -> None: ...
+    def record_state(self, name: str, labels: dict[str, str], help_text: str,
+                     states: list[str], index: int) -> None: ...
+    def sample_function(self, value: Any, f: Callable[[], float]) -> None: ...
+    def removed(self, name: str, labels: dict[str, str] | None) -> None: ...
+
+
+_ORIGINALS: dict[tuple[type, str], Any] = {}
+
+
+def _base_labels(metric: Any) -> dict[str, str]:
+    return dict(zip(metric._labelnames, metric._labelvalues, strict=False))
+
+
+def install_multiprocess_patches(sink: MultiprocessSink) -> None:
+    """Make Info, Enum, ``Gauge.set_function``, ``remove()`` and ``clear()`` of every
+    prometheus_client metric (ours subclass them) report to ``sink``."""
+    if _ORIGINALS:
+        restore_patches()
+
+    def info(self: Any, val: dict[str, str]) -> None:
+        _ORIGINALS[(prometheus_client.Info, "info")](self, val)
+        sink.record_info(self._name, _base_labels(self), self._documentation, dict(val))
+
+    def state(self: Any, state_name: str) -> None:
+        _ORIGINALS[(prometheus_client.Enum, "state")](self, state_name)
+        sink.record_state(self._name, _base_labels(self), self._documentation,
+                          list(self._states), int(self._value))
+
+    def set_function(self: Any, f: Callable[[], float]) -> None:
+        _ORIGINALS[(prometheus_client.Gauge, "set_function")](self, f)
+        sink.sample_function(self._value, f)
+
+    def remove(self: Any, *labelvalues: Any) -> None:
+        if not self._labelnames:
+            raise ValueError(f"No label names were set when constructing {self}")
+        if len(labelvalues) != len(self._labelnames):
+            raise ValueError(f"Incorrect label count (expected {len(self._labelnames)}, "
+                             f"got {labelvalues})")
+        values = tuple(str(v) for v in labelvalues)
+        with self._lock:
+            self._metrics.pop(values, None)
+        sink.removed(self._name, dict(zip(self._labelnames, values, strict=True)))
+
+    def clear(self: Any) -> None:
+        if not self._labelnames:
+            return
+        with self._lock:
+            self._metrics = {}
+        sink.removed(self._name, None)
+
+    base = prometheus_client.metrics.MetricWrapperBase
+    for cls, name, func in ((prometheus_client.Info, "info", info),
+                            (prometheus_client.Enum, "state", state),
+                            (prometheus_client.Gauge, "set_function", set_function),
+                            (base, "remove", remove), (base, "clear", clear)):
+        _ORIGINALS[(cls, name)] = cls.__dict__[name]
+        setattr(cls, name, func)
+
+
+def set_value(metric: Any, value: float) -> None:
+    """Set a counter (or any metric child) to a cumulative figure sampled elsewhere."""
+    metric._value.set(value)
+
+
+def restore_patches() -> None:
+    """Put prometheus_client's own methods back."""
+    for (cls, name), func in _ORIGINALS.items():
+        setattr(cls, name, func)
+    _ORIGINALS.clear()

@@ -237,10 +237,17 @@ class Gauge(_Guarded, prometheus_client.Gauge):
         multiprocess_mode: GaugeMode,
         **kwargs: Any,
     ) -> None:
+        labelnames = tuple(labelnames)
         if multiprocess_mode not in _compat.GAUGE_MODES:
             raise MetricDefinitionError(
                 f"gauge {name!r}: multiprocess_mode {multiprocess_mode!r} is not one of "
                 f"{sorted(_compat.GAUGE_MODES)}"
+            )
+        if multiprocess_mode in ("all", "liveall") and "pid" in tuple(labelnames):
+            raise MetricDefinitionError(
+                f"gauge {name!r}: label name 'pid' is reserved in multiprocess_mode "
+                f"{multiprocess_mode!r} (aggregation adds it to each process's series); "
+                "rename it, for example to 'pid_label', or use another mode"
             )
         super().__init__(
             name, documentation, labelnames, multiprocess_mode=multiprocess_mode, **kwargs

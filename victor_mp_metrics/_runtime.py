@@ -14,15 +14,18 @@ per-process files, whatever the order in which modules were imported.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 
 from . import _compat, _mpdir
+from ._process import ProcessMetrics
 from ._selfmetrics import COUNTERS
 from .exceptions import DirectoryError, UnsafeDirectoryError
 from .settings import Settings, load_settings
@@ -54,6 +57,7 @@ class Runtime:
         self.master_pid: int | None = None
         self.master_lock_fd: int | None = None
         self.aborting = False  # Gunicorn is killing this worker for its timeout
+        self.info_keys: dict[tuple[str, tuple[tuple[str, str], ...]], set[str]] = {}
 
 
 RUNTIME = Runtime()
@@ -77,6 +81,7 @@ def configure(settings: Settings | None = None, **overrides: Any) -> Settings:
             _install_store(rt, new.multiproc_dir)
         else:
             _compat.set_value_class(None)
+            _compat.restore_patches()
             if not new.enabled:
                 _close_store(rt)
         rt.settings = new
@@ -105,7 +110,74 @@ def _install_store(rt: Runtime, directory: str) -> None:
         store.value_class = _mpdir.make_value_class(store)  # type: ignore[attr-defined]
         store.on_write_errors = _count_write_errors
         _mpdir.bind_lock(store)
+        _compat.set_value_class(store.value_class)  # type: ignore[attr-defined]
+        _compat.install_multiprocess_patches(_SINK)
+        store.samplers.append(_process_sampler(local_registry()))
     _compat.set_value_class(store.value_class)  # type: ignore[attr-defined]
+
+
+def _process_sampler(registry: CollectorRegistry) -> Callable[[], None]:
+    """The watchdog's process-metrics sampler: the metrics are made on its first round, so
+    a process that records nothing writes nothing."""
+    made: list[ProcessMetrics] = []
+
+    def sample() -> None:
+        if made:
+            made[0].sample()
+        else:
+            made.append(ProcessMetrics(registry))
+
+    return sample
+
+
+class _Sink:
+    """Where prometheus_client's Info, Enum, set_function, remove() and clear() report in
+    multiprocess mode (``_compat.install_multiprocess_patches``): into this process's
+    files, through the store."""
+
+    def record_info(self, name: str, labels: dict[str, str], help_text: str,
+                    info: dict[str, str]) -> None:
+        store, now = RUNTIME.store, time.time()
+        if store is None:
+            return
+        key = _mpdir.encode_key(name, name + "_info",
+                                {**labels, "__info__": json.dumps(info, sort_keys=True)},
+                                help_text)
+        written = RUNTIME.info_keys.setdefault((name, tuple(sorted(labels.items()))), set())
+        for old in written - {key}:
+            store.set_entry("gauge_info", old, 0.0, now)  # superseded in this process
+        written.add(key)
+        store.set_entry("gauge_info", key, 1.0, now)
+
+    def record_state(self, name: str, labels: dict[str, str], help_text: str,
+                     states: list[str], index: int) -> None:
+        store, now = RUNTIME.store, time.time()
+        if store is None:
+            return
+        for i, state in enumerate(states):  # all states at one stamp: one consistent set
+            key = _mpdir.encode_key(name, name, {**labels, name: state}, help_text)
+            store.set_entry("gauge_stateset", key, 1.0 if i == index else 0.0, now)
+
+    def sample_function(self, value: Any, f: Callable[[], float]) -> None:
+        store = RUNTIME.store
+        if store is None:
+            return
+
+        def sample() -> None:
+            value.set(float(f()))
+
+        sample()
+        store.samplers.append(sample)
+
+    def removed(self, name: str, labels: dict[str, str] | None) -> None:
+        store = RUNTIME.store
+        if store is None:
+            return
+        _mpdir.add_tombstone(store.directory, name, labels)
+        store.apply_tombstones()
+
+
+_SINK = _Sink()
 
 
 def _close_store(rt: Runtime) -> None:
@@ -202,6 +274,8 @@ def reset() -> None:
                 running.stop()
         _close_store(rt)
         _compat.set_value_class(None)
+        _compat.restore_patches()
+        rt.info_keys.clear()
         rt.settings = None
         rt.registry = None
         rt.counters.clear()

@@ -14,7 +14,7 @@ _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED: dict[str, dict[str, str]] = {
     "histogram": {"le": "Prometheus adds it to every bucket"},
     "summary": {"quantile": "Prometheus adds it to every quantile"},
-    "gauge": {"pid": "multiprocess aggregation adds it to per-process gauge series"},
+    "gauge": {},
     "counter": {},
 }
 

@@ -31,6 +31,7 @@ from ._manifest import Manifest, read_manifest, write_manifest
 from ._masters import MASTER_LOCK, MASTER_PREFIX, claim, live_masters, remove_dead_masters
 from ._names import COMPACT_LOCK, MANIFEST, QUARANTINE, TMP_SUFFIX, parse_name
 from ._reader import DirectoryReader, ReadReport
+from ._tombstones import add_tombstone
 from ._writer import ProcessStore, bind_lock, make_value_class
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "Manifest",
     "ProcessStore",
     "ReadReport",
+    "add_tombstone",
     "after_fork_in_child",
     "bind_lock",
     "claim",

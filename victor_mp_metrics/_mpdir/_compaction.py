@@ -74,6 +74,7 @@ from ._names import (
     parse_name,
     writer_ident,
 )
+from ._tombstones import read_tombstones
 
 log = logging.getLogger("victor_mp_metrics")
 
@@ -224,6 +225,7 @@ def _absorb(
 ) -> None:
     merged: dict[str, dict[str, tuple[float, float]]] = {}
     parsed: dict[str, Key] = {}
+    removed = read_tombstones(directory).removed  # removed label sets are not archived
     old_archive: list[str] = []
     taken: list[str] = []  # removed after the commit: exactly what was merged
     # The archive first, so series it already holds keep their place under the cap.
@@ -264,7 +266,8 @@ def _absorb(
         into = merged.setdefault(info.kind, {})
         rule = rule_of(info.mode)
         for key, value, timestamp in entries:
-            merge(into, key, value, timestamp, rule)
+            if not removed(parsed[key], timestamp):
+                merge(into, key, value, timestamp, rule)
 
     generation = manifest.generation + 1
     for kind, values in merged.items():

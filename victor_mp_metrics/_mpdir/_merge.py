@@ -28,7 +28,7 @@ def rule_of(mode: str) -> int:
         return MAX
     if mode == "min":
         return MIN
-    if mode == "mostrecent":
+    if mode in ("mostrecent", "info", "stateset"):
         return RECENT
     return SUM
 
@@ -46,8 +46,9 @@ def merge(
     if current is None:
         if rule != RECENT or timestamp > 0.0:  # a never-set mostrecent gauge has no value
             into[key] = (value, timestamp)
-    elif rule == SUM:
-        into[key] = (current[0] + value, 0.0)
+    elif rule == SUM:  # the stamp of a sum is its earliest creation (``_created``)
+        stamp = timestamp if 0.0 < timestamp < current[1] or current[1] <= 0.0 else current[1]
+        into[key] = (current[0] + value, stamp)
     elif rule == MAX:
         if value > current[0]:
             into[key] = (value, timestamp)

@@ -34,8 +34,8 @@ TMP_SUFFIX = ".tmp"
 
 GAUGE_MODES = frozenset(
     ("all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
-     "mostrecent", "livemostrecent")
-)
+     "mostrecent", "livemostrecent", "info", "stateset")
+)  # info and stateset: prometheus_client's Info and Enum, the most recent value wins
 _FILE_RE = re.compile(
     r"^(?P<kind>counter|histogram|summary|gauge_(?P<mode>[a-z]+))"
     r"_(?P<ident>[0-9]+(?:-[0-9a-f]+)?|archive-(?P<gen>[0-9]+))\.db$"

@@ -16,6 +16,11 @@ directory, and is correct under compaction, faults and hostile entries:
   directory, socket, another uid's file, an impossible header, a malformed key) is
   skipped without blocking (see ``_fs``), reported once per process, and moved to
   ``quarantine/`` when its writer is dead. It never fails the scrape.
+* **Removed label sets.** Entries that a ``remove()``/``clear()`` tombstone postdates are
+  skipped (see ``_tombstones``).
+* **Info and Enum** (modes ``info``, ``stateset``): the most recent value set by any
+  process wins, live or dead: a build or state is a fact about the deployment, and the
+  newest report of it is the truest one.
 * **Caches.** Parsed keys are cached by their bytes; each writer file's layout (keys and
   offsets) is cached and only the appended tail is parsed; the archive of the current
   generation is merged once and reused until the next compaction.
@@ -26,6 +31,7 @@ The reader only reports (:class:`ReadReport`); the caller counts self-metrics.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -42,6 +48,7 @@ from ._liveness import writer_alive
 from ._manifest import Manifest, read_manifest
 from ._merge import merge, rule_of
 from ._names import COMPACT_LOCK, MANIFEST, DataFile, parse_name
+from ._tombstones import EMPTY, Tombstones, read_tombstones
 
 log = logging.getLogger("victor_mp_metrics")
 
@@ -86,7 +93,7 @@ class _Family:
     __slots__ = ("buckets", "help", "mode", "rule", "typ", "values")
 
     def __init__(self, typ: str, help_text: str, mode: str) -> None:
-        self.typ = typ
+        self.typ = {"info": "info", "stateset": "stateset"}.get(mode, typ)
         self.help = help_text
         self.mode = mode
         self.rule = rule_of(mode)
@@ -96,6 +103,7 @@ class _Family:
 
     def copy(self) -> _Family:
         new = _Family(self.typ, self.help, self.mode)
+        new.typ = self.typ
         new.values = dict(self.values)
         new.buckets = dict(self.buckets)
         return new
@@ -109,16 +117,29 @@ class _Family:
             self.buckets[sk] = (key.without_le, key.le)
         merge(self.values, sk, value, timestamp, self.rule)
 
-    def metric(self, name: str) -> Metric:
+    def metric(self, name: str, created: bool = False) -> Metric:
+        """The family as a prometheus_client Metric; ``created`` adds ``_created`` samples
+        (the earliest creation in any process) to counters and histograms."""
         metric = Metric(name, self.help, self.typ)
         samples = metric.samples
+        if self.typ == "info":
+            self._info_samples(samples)
+            return metric
         buckets: dict[Labels, list[tuple[float, float]]] = {}
-        for sk, (value, _ts) in self.values.items():
+        first: dict[Labels, float] = {}
+        for sk, (value, ts) in self.values.items():
             bucket = self.buckets.get(sk)
             if bucket is not None:
                 buckets.setdefault(bucket[0], []).append((bucket[1], value))
             else:
                 samples.append(Sample(sk[0], dict(sk[1]), value))
+            if created and ts > 0.0:
+                labels = bucket[0] if bucket is not None else sk[1]
+                if ts < first.get(labels, float("inf")):
+                    first[labels] = ts
+        if created and self.typ in ("counter", "histogram"):
+            samples.extend(Sample(name + "_created", dict(labels), ts)
+                           for labels, ts in first.items())
         for labels, bounds in buckets.items():
             acc = 0.0
             for bound, value in sorted(bounds):
@@ -128,6 +149,27 @@ class _Family:
                 samples.append(Sample(name + "_bucket", le, acc))
             samples.append(Sample(name + "_count", dict(labels), acc))
         return metric
+
+
+    def _info_samples(self, samples: list[Sample]) -> None:
+        # One info per label set: the value-1 entry with the newest stamp.
+        newest: dict[Labels, tuple[float, Sample]] = {}
+        for (sample, labels), (value, ts) in self.values.items():
+            if value != 1.0:
+                continue
+            base = tuple(item for item in labels if item[0] != INFO_LABEL)
+            try:
+                info = json.loads(dict(labels).get(INFO_LABEL, "{}"))
+            except ValueError:
+                continue
+            if not isinstance(info, dict):
+                continue
+            if ts >= newest.get(base, (-1.0, None))[0]:
+                newest[base] = (ts, Sample(sample, {**dict(base), **info}, 1.0))
+        samples.extend(found for _ts, found in newest.values())
+
+
+INFO_LABEL = "__info__"
 
 
 class _Layout:
@@ -153,16 +195,19 @@ class DirectoryReader:
         self._lock = threading.Lock()
         self._keys: dict[bytes, Key] = {}
         self._layouts: dict[str, _Layout] = {}
-        self._archive: tuple[tuple[str, int], dict[str, _Family]] | None = None
+        self._archive: tuple[tuple[object, ...], dict[str, _Family]] | None = None
         self._warned: set[tuple[str, tuple[int, int]]] = set()
+        self._tombstones: Tombstones = EMPTY
 
     def collect(self) -> Iterable[Metric]:
         """The aggregated families (prometheus_client collector protocol)."""
         return self.read()[0]
 
-    def read(self) -> tuple[list[Metric], ReadReport]:
-        """Every family of the directory, and what the read did."""
+    def read(self, created: bool = False) -> tuple[list[Metric], ReadReport]:
+        """Every family of the directory, and what the read did; ``created`` adds the
+        ``_created`` samples OpenMetrics shows."""
         with self._lock:
+            self._tombstones = read_tombstones(self.directory, self._tombstones)
             report = ReadReport()
             started = time.perf_counter()
             families = None
@@ -176,7 +221,7 @@ class DirectoryReader:
                 families = self._locked_snapshot(report)
             report.duration = time.perf_counter() - started
             self.last = report
-            return [fam.metric(name) for name, fam in families.items()], report
+            return [fam.metric(name, created) for name, fam in families.items()], report
 
     def _locked_snapshot(self, report: ReadReport) -> dict[str, _Family]:
         """A snapshot under a shared ``compact.lock``: no compaction commits meanwhile."""
@@ -260,7 +305,7 @@ class DirectoryReader:
         self, manifest: Manifest, names: list[str], report: ReadReport
     ) -> dict[str, _Family]:
         cached = self._archive
-        version = (manifest.epoch, manifest.generation)
+        version = (manifest.epoch, manifest.generation, self._tombstones.version)
         if cached is None or cached[0] != version:
             families: dict[str, _Family] = {}
             for name in names:
@@ -276,8 +321,11 @@ class DirectoryReader:
                 except Unreadable as err:
                     self._report(name, (0, 0), err.reason, report)
                     continue
+                removed = self._tombstones.removed
                 for key, value, timestamp in entries:
-                    self._family(families, key, info).add(key, value, timestamp, info.ident)
+                    if not removed(key, timestamp):
+                        self._family(families, key, info).add(key, value, timestamp,
+                                                              info.ident)
             cached = self._archive = (version, families)
         return {name: fam.copy() for name, fam in cached[1].items()}
 
@@ -313,9 +361,11 @@ class DirectoryReader:
             layout.entries.extend(tail)
             layout.used = len(data)
         unpack = TWO_DOUBLES.unpack_from
+        removed = self._tombstones.removed if self._tombstones.by_metric else None
         for key, pos in layout.entries:
             value, timestamp = unpack(data, pos)
-            self._family(families, key, info).add(key, value, timestamp, info.ident)
+            if removed is None or not removed(key, timestamp):
+                self._family(families, key, info).add(key, value, timestamp, info.ident)
         return len(data)
 
     # -- helpers --

@@ -14,6 +14,14 @@ Compared with prometheus_client's ``MultiProcessValue``, a :class:`ProcessStore`
   itself is removed or replaced do all values move to new files (the old ones are gone
   with the old directory, out of every reader's sight).
 
+Each value's timestamp field holds a stamp: when it was created (or reset), or for
+``mostrecent`` gauges when it was last set; the reader derives ``_created`` from it and
+``remove()``/``clear()`` tombstones compare against it (see ``_tombstones``).
+
+The watchdog thread (one per process, every :data:`WATCHDOG_INTERVAL` seconds) also runs
+the samplers the runtime registers (``Gauge.set_function``, process metrics) and applies
+new tombstones to this process's own values.
+
 The store reports (``write_errors``, :meth:`ProcessStore.take_write_errors`); the runtime
 counts them in ``victor_metrics_write_errors_total``.
 """
@@ -25,19 +33,21 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ..exceptions import DirectoryError
-from ._format import INITIAL_SIZE, INT, encode_entry, encode_key
+from ._format import INITIAL_SIZE, INT, CorruptFile, encode_entry, encode_key, parse_key
 from ._fs import create_atomically, ensure_directory
 from ._liveness import create_owner_file, owner_file_intact
 from ._names import data_name, new_ident
+from ._tombstones import EMPTY, Tombstones, read_tombstones
 
 log = logging.getLogger("victor_mp_metrics")
 
 _pack = struct.Struct("<dd").pack
-WATCHDOG_INTERVAL = 2.0
+WATCHDOG_INTERVAL = 1.0
 
 
 class _WriterFile:
@@ -99,6 +109,8 @@ class ProcessStore:
         self._reported_errors = 0
         self.failing = False
         self.on_write_errors: Callable[[int], None] | None = None
+        self.samplers: list[Callable[[], None]] = []
+        self.tombstones: Tombstones = EMPTY
         self.watchdog: threading.Thread | None = None
         self.stopped = threading.Event()
 
@@ -206,6 +218,35 @@ class ProcessStore:
             self.directory,
         )
 
+    def set_entry(self, prefix: str, key: str, value: float, stamp: float) -> None:
+        """Write one entry outside any value object (Info and Enum states)."""
+        with self.lock:
+            try:
+                f = self._file_for(prefix)
+                pos = f.position(key)
+                f.m[pos : pos + 16] = _pack(value, stamp)
+            except OSError as err:
+                self._failed(err)
+
+    def apply_tombstones(self) -> None:
+        """Reset this process's values that a newer tombstone removed: zero, new stamp."""
+        tombstones = read_tombstones(self.directory, self.tombstones)
+        if tombstones is self.tombstones:
+            return
+        self.tombstones = tombstones
+        with self.lock:
+            now = time.time()
+            for value in self.values:
+                try:
+                    key = parse_key(value._key.encode())
+                except CorruptFile:  # pragma: no cover - our own keys always parse
+                    continue
+                if tombstones.removed(key, value._timestamp):
+                    # In memory only: the file keeps the old stamp, which readers ignore,
+                    # until the value is written again from zero with the new stamp.
+                    value._value = 0.0
+                    value._timestamp = 0.0 if value._recent else now
+
     def take_write_errors(self) -> int:
         """Write errors since the last call (for the caller to count)."""
         new = self.write_errors - self._reported_errors
@@ -234,7 +275,13 @@ class ProcessStore:
 
     def _watch(self) -> None:
         while not self.stopped.wait(WATCHDOG_INTERVAL):
+            for sample in list(self.samplers):
+                try:
+                    sample()
+                except Exception:
+                    log.exception("victor_mp_metrics: a sampled metric function failed")
             try:
+                self.apply_tombstones()
                 self.check()
                 new = self.take_write_errors()
                 if new and self.on_write_errors is not None:
@@ -260,9 +307,10 @@ class ProcessStore:
         self.failing = False
         self.write_errors = self._reported_errors = 0
         self.pending = []
+        now = time.time()
         for value in self.values:
             value._value = 0.0
-            value._timestamp = 0.0
+            value._timestamp = 0.0 if value._recent else now
             self.attach(value)
 
     def close(self) -> None:
@@ -286,7 +334,7 @@ def make_value_class(store: ProcessStore) -> type:
         """A float in this process's mmap file, behind the process-wide lock."""
 
         _multiprocess = True
-        __slots__ = ("_file", "_key", "_pos", "_prefix", "_timestamp", "_value")
+        __slots__ = ("_file", "_key", "_pos", "_prefix", "_recent", "_timestamp", "_value")
 
         def __init__(self, typ: str, metric_name: str, name: str, labelnames: Any,
                      labelvalues: Any, help_text: str, multiprocess_mode: str = "",
@@ -294,7 +342,8 @@ def make_value_class(store: ProcessStore) -> type:
             self._prefix = f"gauge_{multiprocess_mode}" if typ == "gauge" else typ
             self._key = _encode_key(metric_name, name, labelnames, labelvalues, help_text)
             self._value = 0.0
-            self._timestamp = 0.0
+            self._recent = multiprocess_mode in ("mostrecent", "livemostrecent")
+            self._timestamp = 0.0 if self._recent else time.time()  # the stamp
             self._file: _WriterFile | None = None
             self._pos = 0
             with store.lock:
@@ -306,12 +355,13 @@ def make_value_class(store: ProcessStore) -> type:
                 self._value += amount
                 f = self._file
                 if f is not None:
-                    f.m[self._pos : self._pos + 16] = _pack(self._value, 0.0)
+                    f.m[self._pos : self._pos + 16] = _pack(self._value, self._timestamp)
 
         def set(self, value: float, timestamp: float | None = None) -> None:
             with cell[0]:
                 self._value = value
-                self._timestamp = timestamp or 0.0
+                if timestamp is not None:
+                    self._timestamp = timestamp
                 f = self._file
                 if f is not None:
                     f.m[self._pos : self._pos + 16] = _pack(value, self._timestamp)
