@@ -237,10 +237,11 @@ def finite(samples: Sequence[Sample]) -> list[Sample]:
 
 
 @contextmanager
-def prometheus(binary: str, directory: Path, config: Path) -> Iterator[Prometheus]:
-    """Run ``binary`` with ``config`` on a free loopback port until it is ready; always stopped.
-
-    Its data and log live in ``directory``.
+def prometheus(
+    binary: str, directory: Path, config: Path, flags: Sequence[str] = ()
+) -> Iterator[Prometheus]:
+    """Run ``binary`` with ``config`` (and extra ``flags``) on a free loopback port until it
+    is ready; always stopped. Its data and log live in ``directory``.
     """
     port = free_port()
     log = directory / f"prometheus-{port}.log"
@@ -249,6 +250,7 @@ def prometheus(binary: str, directory: Path, config: Path) -> Iterator[Prometheu
         f"--config.file={config}",
         f"--storage.tsdb.path={directory / f'prometheus-data-{port}'}",
         f"--web.listen-address=127.0.0.1:{port}",
+        *flags,
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -77,7 +77,7 @@ def _judge_deployment(settings: Settings) -> str | None:
     return reason[0]
 
 
-def gather(settings: Settings | None = None) -> list[Metric]:
+def gather(settings: Settings | None = None, *, created: bool = False) -> list[Metric]:
     """Every metric family of the deployment, as a scrape would see it right now."""
     s = settings or _runtime.get_settings()
     if not s.enabled:
@@ -85,7 +85,7 @@ def gather(settings: Settings | None = None) -> list[Metric]:
     started = time.perf_counter()
     files = nbytes = 0
     if s.multiproc_dir is not None:
-        families, report = _runtime.reader(s.multiproc_dir).read()
+        families, report = _runtime.reader(s.multiproc_dir).read(created=created)
         count_read(report)
         files, nbytes = report.files, report.nbytes
     else:
@@ -173,7 +173,8 @@ def render(
     if not s.enabled:
         return "200 OK", [("Content-Type", "text/plain; charset=utf-8")], DISABLED_BODY
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FamiliesCollector(gather(s)))
+    openmetrics = "application/openmetrics-text" in (lower.get("accept") or "")
+    registry.register(FamiliesCollector(gather(s, created=openmetrics)))
     return _compat.bake_output(
         registry, lower.get("accept"), lower.get("accept-encoding"), params or {}
     )

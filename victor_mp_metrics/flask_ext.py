@@ -128,7 +128,7 @@ class _Middleware:
 class _Tracked:
     """One request: in flight from the start, counted when answered, timed until closed."""
 
-    __slots__ = ("done", "endpoint", "environ", "method", "started")
+    __slots__ = ("done", "endpoint", "environ", "exemplar", "method", "started")
 
     def __init__(self, environ: dict[str, Any]) -> None:
         self.environ = environ
@@ -137,9 +137,11 @@ class _Tracked:
         method = environ.get("REQUEST_METHOD", "")
         self.method = method if method in STANDARD_METHODS else OTHER_METHOD
         self.started = 0.0
+        self.exemplar = instrument.trace_exemplar(environ.get("HTTP_TRACEPARENT"))
 
     def begin(self) -> None:
         self.started = time.perf_counter()
+        instrument.set_request_exemplar(self.exemplar)
         try:
             get_catalog().active_connections.inc()
         except Exception:
@@ -172,7 +174,9 @@ class _Tracked:
         try:
             get_catalog().active_connections.dec()
             if self.endpoint is not None:
-                instrument.observe_request_duration(self.endpoint, self.method, elapsed_ms)
+                instrument.observe_request_duration(self.endpoint, self.method, elapsed_ms,
+                                                    self.exemplar)
+            instrument.set_request_exemplar(None)
         except Exception:
             log.exception("victor_mp_metrics: could not record request metrics")
 

@@ -16,7 +16,9 @@ with given label values, each lookup is one dict lookup.
 from __future__ import annotations
 
 import os
+import re
 import time
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal
 
@@ -36,6 +38,27 @@ STATUS_ERROR_TYPES: dict[int, str] = {
     500: "server_error", 501: "not_implemented", 502: "bad_gateway", 503: "unavailable",
     504: "timeout",
 }  # fmt: skip
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_exemplar: ContextVar[dict[str, str] | None] = ContextVar("victor_mp_metrics_exemplar",
+                                                          default=None)
+
+
+def trace_exemplar(traceparent: str | None) -> dict[str, str] | None:
+    """``{"trace_id": ...}`` of a W3C ``traceparent`` header; None if absent or malformed."""
+    if not traceparent:
+        return None
+    match = _TRACEPARENT.match(traceparent.strip().lower())
+    if match is None or match[1] == "0" * 32:
+        return None
+    return {"trace_id": match[1]}
+
+
+def set_request_exemplar(exemplar: dict[str, str] | None) -> None:
+    """The exemplar the request in progress attaches to its duration and to the LLM and tool
+    histograms observed while it runs (None: none). Integrations set it per request."""
+    _exemplar.set(exemplar)
 
 
 def error_type_for_status(status: int) -> str | None:
@@ -119,7 +142,8 @@ class LLMCall(_Tracked):
         catalog = get_catalog()
         provider, model = self._provider, self._model
         catalog.llm_requests_total.labels(provider, model).inc()
-        catalog.llm_duration_ms.labels(provider, model).observe(elapsed * 1000.0)
+        catalog.llm_duration_ms.labels(provider, model).observe(elapsed * 1000.0,
+                                                                _exemplar.get())
         if self._error is not None:
             catalog.llm_errors_total.labels(provider, model, self._error).inc()
 
@@ -143,7 +167,7 @@ class ToolRun(_Tracked):
         tool = self._tool
         status = "success" if self._error is None else "error"
         catalog.tool_executions_total.labels(tool, status).inc()
-        catalog.tool_duration_ms.labels(tool).observe(elapsed * 1000.0)
+        catalog.tool_duration_ms.labels(tool).observe(elapsed * 1000.0, _exemplar.get())
         if self._error is not None:
             catalog.tool_errors_total.labels(tool, self._error).inc()
 
@@ -253,9 +277,11 @@ def record_request(
     catalog.request_errors_total.labels(endpoint, method, error_type).inc()
 
 
-def observe_request_duration(endpoint: str, method: str, duration_ms: float) -> None:
-    """Observe a request's duration in ``victor_request_duration_ms``."""
-    get_catalog().request_duration_ms.labels(endpoint, method).observe(duration_ms)
+def observe_request_duration(endpoint: str, method: str, duration_ms: float,
+                             exemplar: dict[str, str] | None = None) -> None:
+    """Observe a request's duration in ``victor_request_duration_ms`` (with an exemplar,
+    e.g. ``{"trace_id": ...}``, when given)."""
+    get_catalog().request_duration_ms.labels(endpoint, method).observe(duration_ms, exemplar)
 
 
 def record_cache_hit(cache_name: str, count: int = 1) -> None:

@@ -52,7 +52,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ._format import CorruptFile, Key, encode_file, encode_key, iter_entries, parse_key
+from ._format import (
+    CorruptFile,
+    Key,
+    encode_exemplar_file,
+    encode_file,
+    encode_key,
+    iter_entries,
+    iter_exemplars,
+    parse_key,
+)
 from ._fs import (
     OPEN_FLAGS,
     Unreadable,
@@ -67,8 +76,11 @@ from ._manifest import Manifest, read_manifest, write_manifest
 from ._merge import archived, merge, rule_of
 from ._names import (
     COMPACT_LOCK,
+    EXEMPLARS_SUFFIX,
     OWNER_SUFFIX,
     TMP_SUFFIX,
+    archive_exemplars_generation,
+    archive_exemplars_name,
     archive_name,
     is_compactor_temp,
     parse_name,
@@ -193,7 +205,8 @@ def recover(directory: str) -> bool:
     repaired = False
     for name in os.listdir(directory):
         info = parse_name(name)
-        superseded = info is not None and info.is_archive and info.generation != manifest.generation
+        generation = info.generation if info is not None else archive_exemplars_generation(name)
+        superseded = generation is not None and generation != manifest.generation
         leftover = name.endswith(TMP_SUFFIX) and (
             is_compactor_temp(name) or is_stale_temp(directory, name)
         )
@@ -281,6 +294,7 @@ def _absorb(
         result.files_written += 1
         if result.files_written == 1:
             hit("archive_partial")
+    _archive_exemplars(directory, names, manifest.generation, generation, dead)
     hit("archive_written")
 
     write_manifest(directory, Manifest(generation, frozenset(dead), manifest.epoch))
@@ -288,16 +302,39 @@ def _absorb(
     result.absorbed = sorted(dead)
     hit("committed")
 
-    owners = [n for n in names if n.endswith(OWNER_SUFFIX) and writer_ident(n) in dead]
+    owners = [n for n in names if n.endswith((OWNER_SUFFIX, EXEMPLARS_SUFFIX))
+              and writer_ident(n) in dead]
     result.files_removed += _remove(directory, taken + owners)
     hit("writers_removed")
-    for name in old_archive:
+    for name in [*old_archive, archive_exemplars_name(manifest.generation)]:
         unlink_quietly(os.path.join(directory, name))
         result.files_removed += 1
     hit("old_archive_removed")
 
     write_manifest(directory, Manifest(generation, epoch=manifest.epoch))
     hit("done")
+
+
+def _archive_exemplars(
+    directory: str, names: list[str], old: int, new: int, dead: set[str]
+) -> None:
+    """Keep the newest exemplar of each key of the old archive and ``dead``'s files in the
+    new generation's exemplar file (best effort: exemplars never stop a compaction)."""
+    newest: dict[bytes, tuple[bytes, float, float]] = {}
+    sources = [archive_exemplars_name(old)] + [
+        n for n in names if n.endswith(EXEMPLARS_SUFFIX) and writer_ident(n) in dead]
+    for name in sources:
+        try:
+            data, _stat = read_data(directory, name)
+            found = list(iter_exemplars(data, len(data)))
+        except (FileNotFoundError, Unreadable, CorruptFile):
+            continue
+        for key, labels, value, timestamp in found:
+            if labels and (key not in newest or newest[key][2] < timestamp):
+                newest[key] = (labels, value, timestamp)
+    if newest:
+        body, size = encode_exemplar_file([(k, *v) for k, v in sorted(newest.items())])
+        write_file(os.path.join(directory, archive_exemplars_name(new)), body, size)
 
 
 def _iter(data: bytes) -> list[tuple[bytes, float, float, int]]:

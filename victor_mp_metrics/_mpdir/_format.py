@@ -87,6 +87,43 @@ def encode_file(entries: list[tuple[str, float, float]]) -> tuple[bytes, int]:
 INITIAL_SIZE = 1 << 14
 
 
+# An exemplar file has the same header and keys, but each key is followed by a fixed slot:
+# a 4-byte length, up to EXEMPLAR_LABELS bytes of labels JSON, then value and timestamp.
+EXEMPLAR_LABELS = 252
+EXEMPLAR_SLOT = 4 + EXEMPLAR_LABELS + 16
+
+
+def encode_exemplar_slot(labels_json: bytes, value: float, timestamp: float) -> bytes:
+    """One exemplar slot; the labels must fit in :data:`EXEMPLAR_LABELS` bytes."""
+    return (INT.pack(len(labels_json)) + labels_json.ljust(EXEMPLAR_LABELS, b" ")
+            + TWO_DOUBLES.pack(value, timestamp))
+
+
+def encode_exemplar_file(entries: list[tuple[bytes, bytes, float, float]]) -> tuple[bytes, int]:
+    """A whole exemplar file of (key, labels JSON, value, timestamp) and its size."""
+    body = b"".join(encode_entry(key.decode("utf-8"), 0.0, 0.0)[:-16]
+                    + encode_exemplar_slot(labels, value, ts) for key, labels, value, ts in entries)
+    used = HEADER + len(body)
+    return INT.pack(used) + b"\0" * 4 + body, max(INITIAL_SIZE, 1 << (used - 1).bit_length())
+
+
+def iter_exemplars(data: bytes, used: int) -> Iterator[tuple[bytes, bytes, float, float]]:
+    """Yield (key bytes, labels JSON, value, timestamp) of an exemplar file."""
+    pos = HEADER
+    while pos < used:
+        (length,) = INT.unpack_from(data, pos)
+        slot = pos + 4 + length + (8 - (length + 4) % 8)
+        if length <= 0 or slot + EXEMPLAR_SLOT > used:
+            raise CorruptFile(f"exemplar entry at offset {pos} runs past the used size {used}")
+        (size,) = INT.unpack_from(data, slot)
+        if not 0 <= size <= EXEMPLAR_LABELS:
+            raise CorruptFile(f"exemplar at offset {slot} has {size} bytes of labels")
+        value, timestamp = TWO_DOUBLES.unpack_from(data, slot + 4 + EXEMPLAR_LABELS)
+        yield (bytes(data[pos + 4 : pos + 4 + length]), bytes(data[slot + 4 : slot + 4 + size]),
+               value, timestamp)
+        pos = slot + EXEMPLAR_SLOT
+
+
 def used_size(header: bytes) -> int:
     """The used size a file's first 8 bytes claim; :class:`CorruptFile` if impossible."""
     if len(header) < HEADER:

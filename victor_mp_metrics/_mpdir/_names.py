@@ -8,6 +8,7 @@ Data files keep prometheus_client's names, so its ``MultiProcessCollector`` read
 Next to them, files that stock readers ignore (they glob ``*.db``)::
 
     {ident}.owner       held with an exclusive flock by writer ``ident`` while it lives
+    {ident}.exemplars   the latest exemplar of each of its values that ever had one
     manifest.json       the archive generation and the idents it has absorbed
     compact.lock        serialises compactions (readers take it shared when starved)
     *.tmp               files being written; renamed into place when complete
@@ -30,6 +31,7 @@ MANIFEST = "manifest.json"
 COMPACT_LOCK = "compact.lock"
 QUARANTINE = "quarantine"
 OWNER_SUFFIX = ".owner"
+EXEMPLARS_SUFFIX = ".exemplars"
 TMP_SUFFIX = ".tmp"
 
 GAUGE_MODES = frozenset(
@@ -41,6 +43,7 @@ _FILE_RE = re.compile(
     r"_(?P<ident>[0-9]+(?:-[0-9a-f]+)?|archive-(?P<gen>[0-9]+))\.db$"
 )
 _OUR_IDENT_RE = re.compile(r"^[0-9]+-[0-9a-f]+$")
+_ARCHIVE_EXEMPLARS_RE = re.compile(r"^archive-([0-9]+)\.exemplars$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,17 @@ def archive_name(kind: str, generation: int) -> str:
     return f"{kind}_{ARCHIVE}-{generation}.db"
 
 
+def archive_exemplars_name(generation: int) -> str:
+    """The exemplars kept from compacted writers, of archive ``generation``."""
+    return f"{ARCHIVE}-{generation}{EXEMPLARS_SUFFIX}"
+
+
+def archive_exemplars_generation(name: str) -> int | None:
+    """The generation of an archive exemplar file's name; None for any other name."""
+    match = _ARCHIVE_EXEMPLARS_RE.match(name)
+    return int(match[1]) if match else None
+
+
 def new_ident() -> str:
     return f"{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -102,9 +116,10 @@ def writer_ident(name: str) -> str | None:
     info = parse_name(name)
     if info is not None:
         return None if info.is_archive else info.ident
-    if name.endswith(OWNER_SUFFIX):
-        ident = name.removesuffix(OWNER_SUFFIX)
-        return ident if is_our_ident(ident) else None
+    for suffix in (OWNER_SUFFIX, EXEMPLARS_SUFFIX):
+        if name.endswith(suffix):
+            ident = name.removesuffix(suffix)
+            return ident if is_our_ident(ident) else None
     return None
 
 

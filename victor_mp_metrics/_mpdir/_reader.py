@@ -21,6 +21,9 @@ directory, and is correct under compaction, faults and hostile entries:
 * **Info and Enum** (modes ``info``, ``stateset``): the most recent value set by any
   process wins, live or dead: a build or state is a fact about the deployment, and the
   newest report of it is the truest one.
+* **Exemplars** (OpenMetrics): each writer's ``{ident}.exemplars`` and the archive's
+  hold the latest exemplar of each value; the newest over all processes is shown on the
+  counter's ``_total`` or the histogram bucket it belongs to.
 * **Caches.** Parsed keys are cached by their bytes; each writer file's layout (keys and
   offsets) is cached and only the appended tail is parsed; the archive of the current
   generation is merged once and reused until the next compaction.
@@ -40,14 +43,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.samples import Sample
+from prometheus_client.samples import Exemplar, Sample
 
-from ._format import TWO_DOUBLES, CorruptFile, Key, Labels, iter_entries, parse_key
+from ._format import (
+    TWO_DOUBLES,
+    CorruptFile,
+    Key,
+    Labels,
+    iter_entries,
+    iter_exemplars,
+    parse_key,
+)
 from ._fs import OPEN_FLAGS, Unreadable, open_regular, quarantine, read_data, read_used
 from ._liveness import writer_alive
 from ._manifest import Manifest, read_manifest
 from ._merge import merge, rule_of
-from ._names import COMPACT_LOCK, MANIFEST, DataFile, parse_name
+from ._names import (
+    COMPACT_LOCK,
+    EXEMPLARS_SUFFIX,
+    MANIFEST,
+    DataFile,
+    archive_exemplars_name,
+    parse_name,
+)
 from ._tombstones import EMPTY, Tombstones, read_tombstones
 
 log = logging.getLogger("victor_mp_metrics")
@@ -90,7 +108,7 @@ def _bucket_bound(value: float) -> str:
 class _Family:
     """The merged values of one metric family."""
 
-    __slots__ = ("buckets", "help", "mode", "rule", "typ", "values")
+    __slots__ = ("buckets", "exemplars", "help", "mode", "rule", "typ", "values")
 
     def __init__(self, typ: str, help_text: str, mode: str) -> None:
         self.typ = {"info": "info", "stateset": "stateset"}.get(mode, typ)
@@ -100,12 +118,14 @@ class _Family:
         self.values: dict[SampleKey, tuple[float, float]] = {}
         # histogram bucket sample key -> (labels without le, bound)
         self.buckets: dict[SampleKey, tuple[Labels, float]] = {}
+        self.exemplars: dict[SampleKey, Exemplar] = {}
 
     def copy(self) -> _Family:
         new = _Family(self.typ, self.help, self.mode)
         new.typ = self.typ
         new.values = dict(self.values)
         new.buckets = dict(self.buckets)
+        new.exemplars = dict(self.exemplars)
         return new
 
     def add(self, key: Key, value: float, timestamp: float, ident: str) -> None:
@@ -125,14 +145,15 @@ class _Family:
         if self.typ == "info":
             self._info_samples(samples)
             return metric
-        buckets: dict[Labels, list[tuple[float, float]]] = {}
+        buckets: dict[Labels, list[tuple[float, float, SampleKey]]] = {}
         first: dict[Labels, float] = {}
+        exemplars = self.exemplars
         for sk, (value, ts) in self.values.items():
             bucket = self.buckets.get(sk)
             if bucket is not None:
-                buckets.setdefault(bucket[0], []).append((bucket[1], value))
+                buckets.setdefault(bucket[0], []).append((bucket[1], value, sk))
             else:
-                samples.append(Sample(sk[0], dict(sk[1]), value))
+                samples.append(Sample(sk[0], dict(sk[1]), value, None, exemplars.get(sk)))
             if created and ts > 0.0:
                 labels = bucket[0] if bucket is not None else sk[1]
                 if ts < first.get(labels, float("inf")):
@@ -142,11 +163,11 @@ class _Family:
                            for labels, ts in first.items())
         for labels, bounds in buckets.items():
             acc = 0.0
-            for bound, value in sorted(bounds):
+            for bound, value, sk in sorted(bounds, key=lambda b: b[0]):
                 acc += value
                 le = dict(labels)
                 le["le"] = _bucket_bound(bound)
-                samples.append(Sample(name + "_bucket", le, acc))
+                samples.append(Sample(name + "_bucket", le, acc, None, exemplars.get(sk)))
             samples.append(Sample(name + "_count", dict(labels), acc))
         return metric
 
@@ -288,11 +309,39 @@ class DirectoryReader:
                 nbytes += n
         for stale in self._layouts.keys() - seen:
             del self._layouts[stale]
+        idents = {info.ident for info in map(parse_name, seen) if info is not None}
+        for exemplars in [archive_exemplars_name(manifest.generation),
+                          *(ident + EXEMPLARS_SUFFIX for ident in sorted(idents))]:
+            self._read_exemplars(exemplars, families)
         if self._manifest(report) != manifest:
             raise _Retry
         report.files = files
         report.nbytes = nbytes
         return families
+
+    def _read_exemplars(self, name: str, families: dict[str, _Family]) -> None:
+        """Attach the exemplars of file ``name`` (newest wins) to the families' samples."""
+        try:
+            data, _stat = read_data(self.directory, name)
+            found = list(iter_exemplars(data, len(data)))
+        except (FileNotFoundError, Unreadable, CorruptFile):
+            return  # exemplars are best effort: never a reason to fail a scrape
+        for raw, labels, value, timestamp in found:
+            if not labels:
+                continue
+            try:
+                key = self._key(raw)
+                decoded = json.loads(labels)
+            except (Unreadable, ValueError):
+                continue
+            family = families.get(key.metric)
+            if family is None or not isinstance(decoded, dict):
+                continue
+            sk = (key.sample, key.labels)
+            current = family.exemplars.get(sk)
+            if current is None or float(current.timestamp or 0.0) < timestamp:
+                family.exemplars[sk] = Exemplar(
+                    {str(k): str(v) for k, v in decoded.items()}, value, timestamp)
 
     def _manifest(self, report: ReadReport) -> Manifest:
         try:

@@ -28,6 +28,7 @@ counts them in ``victor_metrics_write_errors_total``.
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -38,10 +39,20 @@ from collections.abc import Callable
 from typing import Any
 
 from ..exceptions import DirectoryError
-from ._format import INITIAL_SIZE, INT, CorruptFile, encode_entry, encode_key, parse_key
+from ._format import (
+    EXEMPLAR_LABELS,
+    EXEMPLAR_SLOT,
+    INITIAL_SIZE,
+    INT,
+    CorruptFile,
+    encode_entry,
+    encode_exemplar_slot,
+    encode_key,
+    parse_key,
+)
 from ._fs import create_atomically, ensure_directory
 from ._liveness import create_owner_file, owner_file_intact
-from ._names import data_name, new_ident
+from ._names import EXEMPLARS_SUFFIX, data_name, new_ident
 from ._tombstones import EMPTY, Tombstones, read_tombstones
 
 log = logging.getLogger("victor_mp_metrics")
@@ -51,11 +62,13 @@ WATCHDOG_INTERVAL = 1.0
 
 
 class _WriterFile:
-    """One of this process's data files, mapped for writing."""
+    """One of this process's data files, mapped for writing; ``slot`` bytes follow each key
+    (16: value and timestamp; exemplar files have bigger slots)."""
 
-    __slots__ = ("capacity", "fd", "m", "path", "positions", "used")
+    __slots__ = ("capacity", "fd", "m", "path", "positions", "slot", "used")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, slot: int = 16) -> None:
+        self.slot = slot
         def fill(fd: int) -> None:
             os.posix_fallocate(fd, 0, INITIAL_SIZE)
             os.pwrite(fd, INT.pack(8), 0)
@@ -72,6 +85,8 @@ class _WriterFile:
         pos = self.positions.get(key)
         if pos is None:
             entry = encode_entry(key, 0.0, 0.0)
+            if self.slot != 16:
+                entry = entry[:-16] + encode_exemplar_slot(b"", 0.0, 0.0)
             needed = self.used + len(entry)
             if needed > self.capacity:
                 capacity = self.capacity
@@ -83,7 +98,7 @@ class _WriterFile:
             self.m[self.used : needed] = entry
             self.used = needed
             self.m[0:4] = INT.pack(needed)  # the header last: readers never see half an entry
-            pos = self.positions[key] = needed - 16
+            pos = self.positions[key] = needed - self.slot
         return pos
 
     def close(self) -> None:
@@ -110,6 +125,7 @@ class ProcessStore:
         self.failing = False
         self.on_write_errors: Callable[[int], None] | None = None
         self.samplers: list[Callable[[], None]] = []
+        self.exemplars: _WriterFile | None = None
         self.tombstones: Tombstones = EMPTY
         self.watchdog: threading.Thread | None = None
         self.stopped = threading.Event()
@@ -228,6 +244,25 @@ class ProcessStore:
             except OSError as err:
                 self._failed(err)
 
+    def set_exemplar(self, key: str, labels: dict[str, str], value: float,
+                     timestamp: float) -> None:
+        """Keep ``labels`` as the latest exemplar of value ``key`` (caller holds the value
+        lock). Labels too long for a slot are dropped: OpenMetrics allows 128 characters."""
+        encoded = json.dumps(labels, sort_keys=True, separators=(",", ":")).encode()
+        if len(encoded) > EXEMPLAR_LABELS:
+            return
+        try:
+            f = self.exemplars
+            if f is None:
+                if self.ident is None:
+                    return  # no files at all (yet): nothing to attach an exemplar to
+                f = self.exemplars = _WriterFile(
+                    os.path.join(self.directory, self.ident + EXEMPLARS_SUFFIX), EXEMPLAR_SLOT)
+            pos = f.position(key)
+            f.m[pos : pos + EXEMPLAR_SLOT] = encode_exemplar_slot(encoded, value, timestamp)
+        except OSError as err:
+            self._failed(err)
+
     def apply_tombstones(self) -> None:
         """Reset this process's values that a newer tombstone removed: zero, new stamp."""
         tombstones = read_tombstones(self.directory, self.tombstones)
@@ -259,6 +294,9 @@ class ProcessStore:
         for f in self.files.values():
             f.close()
         self.files.clear()
+        if self.exemplars is not None:
+            self.exemplars.close()
+            self.exemplars = None
         if self.owner_fd is not None:
             os.close(self.owner_fd)
         self.owner_fd = None
@@ -293,10 +331,11 @@ class ProcessStore:
         """In a forked child: forget the parent's files (without unlocking them), reattach
         every value from zero under a new ident."""
         self.lock = threading.Lock()
-        for f in self.files.values():
+        for f in [*self.files.values(), *([self.exemplars] if self.exemplars else [])]:
             f.m.close()
             os.close(f.fd)
         self.files.clear()
+        self.exemplars = None
         if self.owner_fd is not None:
             os.close(self.owner_fd)  # closing our copy keeps the parent's lock
         self.owner_fd = None
@@ -367,7 +406,9 @@ def make_value_class(store: ProcessStore) -> type:
                     f.m[self._pos : self._pos + 16] = _pack(value, self._timestamp)
 
         def set_exemplar(self, exemplar: Any) -> None:
-            return None
+            with cell[0]:
+                store.set_exemplar(self._key, exemplar.labels, exemplar.value,
+                                   float(exemplar.timestamp or time.time()))
 
         def get(self) -> float:
             with cell[0]:
