@@ -192,3 +192,67 @@ def test_workers_without_a_shared_directory_say_so(tmp_path: Path):
     assert 1 == total(parse_samples(resp.text), "victor_metrics_misconfigured",
                       reason="no_shared_directory")
     assert "answers /metrics with its own share only" in log.read_text()
+
+
+def _scrape_total(url: str) -> float:
+    return total(parse_samples(request(url + "/metrics", timeout=10).text),
+                 "victor_requests_total", endpoint="/healthz")
+
+
+def test_hup_reload_and_usr2_upgrade_keep_counters_monotonic(tmp_path: Path):
+    """A scraper of the socket sees totals only grow through a HUP reload and a USR2
+    upgrade (old and new master serving at once), and every request is counted."""
+    import shutil
+    import signal
+
+    import psutil
+
+    from ._gunicorn import Gunicorn, stop, wait_ready
+
+    # The console script, as in production: USR2 re-executes argv, and `python -m gunicorn`
+    # re-executed puts gunicorn's own `http` package before the standard library's.
+    script = shutil.which("gunicorn")
+    assert script is not None
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VICTOR_")}
+    env.update(PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "m"), PYTHONPATH=str(ROOT))
+    log = tmp_path / "g.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([script, "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}",
+                                 "-w", "2", *ARGS, "app:app"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    server = Gunicorn(proc, port, tmp_path / "m", log)
+    try:
+        wait_ready(proc, "gunicorn", lambda: server.get("/healthz").status == 200, server.logs)
+        seen = [_scrape_total(server.url)]
+        sent = seen[0]
+
+        def traffic(rounds: int) -> None:
+            nonlocal sent
+            for _ in range(rounds):
+                assert 200 == server.get("/healthz").status
+                sent += 1
+                seen.append(_scrape_total(server.url))
+
+        traffic(10)
+        os.kill(proc.pid, signal.SIGHUP)
+        traffic(10)
+        os.kill(proc.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 20
+        new_master = None
+        while new_master is None:  # the old master's child that has two workers of its own
+            assert time.monotonic() < deadline, server.logs()
+            found = [c for c in psutil.Process(proc.pid).children() if len(c.children()) >= 2]
+            new_master = found[0] if found else None
+            time.sleep(0.1)
+        traffic(10)  # both masters' workers answer on the socket now
+        os.kill(proc.pid, signal.SIGTERM)  # the old master goes, the new one serves on
+        proc.wait(15)
+        traffic(10)
+        final = _scrape_total(server.url)
+        new_master.terminate()
+        new_master.wait(15)
+    finally:
+        stop(proc)
+    assert seen == sorted(seen), seen
+    assert sent == final, server.logs()

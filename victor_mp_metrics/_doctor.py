@@ -206,7 +206,14 @@ def _contents(path: str) -> list[Check]:
         checks.append(Check("WARN", "writers", "no live writer process.",
                             "if the service is running, it writes elsewhere: compare its "
                             f"PROMETHEUS_MULTIPROC_DIR with {path}."))
-    if found.dead:
+    if found.dead and _mpdir.master_running(path):
+        checks.append(Check("WARN", "orphans",
+                            f"{len(found.dead)} dead writer(s) not compacted yet "
+                            f"({_listed(found.dead)}), {found.dead_files} file(s); the running "
+                            "Gunicorn master of this directory compacts them on its next sweep "
+                            "(at most VICTOR_METRICS_SWEEP_INTERVAL).",
+                            f"nothing, or {compact} now."))
+    elif found.dead:
         checks.append(Check("FAIL", "orphans",
                             f"{len(found.dead)} dead writer(s) not compacted "
                             f"({_listed(found.dead)}), {found.dead_files} file(s).",
