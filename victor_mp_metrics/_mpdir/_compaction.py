@@ -307,8 +307,7 @@ def _absorb(
     result.files_removed += _remove(directory, taken + owners)
     hit("writers_removed")
     for name in [*old_archive, archive_exemplars_name(manifest.generation)]:
-        unlink_quietly(os.path.join(directory, name))
-        result.files_removed += 1
+        result.files_removed += unlink_quietly(os.path.join(directory, name))
     hit("old_archive_removed")
 
     write_manifest(directory, Manifest(generation, epoch=manifest.epoch))
