@@ -63,12 +63,20 @@ WATCHDOG_INTERVAL = 1.0
 
 class _WriterFile:
     """One of this process's data files, mapped for writing; ``slot`` bytes follow each key
-    (16: value and timestamp; exemplar files have bigger slots)."""
+    (16: value and timestamp; exemplar files have bigger slots).
 
-    __slots__ = ("capacity", "fd", "m", "path", "positions", "slot", "used")
+    ``doubles`` is the map cast to float64s: a value is stored with one item assignment
+    (``doubles[pos // 8] = v``, native little-endian as the format wants on the x86-64 and
+    aarch64 machines we run on), far cheaper than ``struct.pack`` plus a slice copy. An
+    exported view pins its map, so growing releases the old view before closing the old
+    map; both happen under the store lock, which every write holds.
+    """
+
+    __slots__ = ("capacity", "doubles", "fd", "m", "path", "positions", "slot", "used")
 
     def __init__(self, path: str, slot: int = 16) -> None:
         self.slot = slot
+
         def fill(fd: int) -> None:
             os.posix_fallocate(fd, 0, INITIAL_SIZE)
             os.pwrite(fd, INT.pack(8), 0)
@@ -77,6 +85,7 @@ class _WriterFile:
         self.path = path
         self.capacity = INITIAL_SIZE
         self.m = mmap.mmap(self.fd, self.capacity)
+        self.doubles = memoryview(self.m).cast("d")
         self.used = 8
         self.positions: dict[str, int] = {}
 
@@ -93,7 +102,10 @@ class _WriterFile:
                 while capacity < needed:
                     capacity *= 2
                 os.posix_fallocate(self.fd, 0, capacity)  # ENOSPC here: nothing written
-                self.m = mmap.mmap(self.fd, capacity)
+                grown = mmap.mmap(self.fd, capacity)
+                self.doubles.release()
+                self.m.close()
+                self.m, self.doubles = grown, memoryview(grown).cast("d")
                 self.capacity = capacity
             self.m[self.used : needed] = entry
             self.used = needed
@@ -103,6 +115,7 @@ class _WriterFile:
 
     def close(self) -> None:
         try:
+            self.doubles.release()
             self.m.close()
         finally:
             os.close(self.fd)
@@ -125,6 +138,7 @@ class ProcessStore:
         self.failing = False
         self.on_write_errors: Callable[[int], None] | None = None
         self.samplers: list[Callable[[], None]] = []
+        self.removed: list[Any] = []  # values reset by a tombstone, detached until they change
         self.exemplars: _WriterFile | None = None
         self.tombstones: Tombstones = EMPTY
         self.watchdog: threading.Thread | None = None
@@ -264,7 +278,16 @@ class ProcessStore:
             self._failed(err)
 
     def apply_tombstones(self) -> None:
-        """Reset this process's values that a newer tombstone removed: zero, new stamp."""
+        """Reset this process's values that a newer tombstone removed: zero and a new stamp,
+        detached from their slots (whose old stamp readers ignore) until they change; a
+        value that changed since is written back, whole, with its new stamp."""
+        with self.lock:
+            waiting, self.removed = self.removed, []
+            for value in waiting:
+                if value._value != 0.0 or (value._recent and value._timestamp > 0.0):
+                    self.attach(value)
+                else:
+                    self.removed.append(value)
         tombstones = read_tombstones(self.directory, self.tombstones)
         if tombstones is self.tombstones:
             return
@@ -276,11 +299,11 @@ class ProcessStore:
                     key = parse_key(value._key.encode())
                 except CorruptFile:  # pragma: no cover - our own keys always parse
                     continue
-                if tombstones.removed(key, value._timestamp):
-                    # In memory only: the file keeps the old stamp, which readers ignore,
-                    # until the value is written again from zero with the new stamp.
+                if value._file is not None and tombstones.removed(key, value._timestamp):
                     value._value = 0.0
                     value._timestamp = 0.0 if value._recent else now
+                    value._file = None
+                    self.removed.append(value)
 
     def take_write_errors(self) -> int:
         """Write errors since the last call (for the caller to count)."""
@@ -332,8 +355,7 @@ class ProcessStore:
         every value from zero under a new ident."""
         self.lock = threading.Lock()
         for f in [*self.files.values(), *([self.exemplars] if self.exemplars else [])]:
-            f.m.close()
-            os.close(f.fd)
+            f.close()
         self.files.clear()
         self.exemplars = None
         if self.owner_fd is not None:
@@ -346,6 +368,7 @@ class ProcessStore:
         self.failing = False
         self.write_errors = self._reported_errors = 0
         self.pending = []
+        self.removed = []
         now = time.time()
         for value in self.values:
             value._value = 0.0
@@ -393,8 +416,8 @@ def make_value_class(store: ProcessStore) -> type:
             with cell[0]:
                 self._value += amount
                 f = self._file
-                if f is not None:
-                    f.m[self._pos : self._pos + 16] = _pack(self._value, self._timestamp)
+                if f is not None:  # the stamp beside it was written when the slot was had
+                    f.doubles[self._pos >> 3] = self._value
 
         def set(self, value: float, timestamp: float | None = None) -> None:
             with cell[0]:
@@ -403,7 +426,9 @@ def make_value_class(store: ProcessStore) -> type:
                     self._timestamp = timestamp
                 f = self._file
                 if f is not None:
-                    f.m[self._pos : self._pos + 16] = _pack(value, self._timestamp)
+                    doubles = f.doubles
+                    doubles[(self._pos >> 3) + 1] = self._timestamp
+                    doubles[self._pos >> 3] = value
 
         def set_exemplar(self, exemplar: Any) -> None:
             with cell[0]:
