@@ -190,3 +190,30 @@ def test_values_keep_counting_while_the_directory_is_unusable(metrics_dir: Path)
     store.check()
     assert not store.failing
     assert 3.0 == ours(metrics_dir)[("jobs_total", ())]
+
+
+def test_parents_are_created_private_whatever_the_umask(tmp_path: Path, monkeypatch):
+    """Under umask 000 the directory and every parent made for it are still mode 0700."""
+    path = tmp_path / "p1" / "p2" / "metrics"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(path))
+    old = os.umask(0)
+    try:
+        _runtime.configure()
+    finally:
+        os.umask(old)
+    for made in (path, path.parent, path.parent.parent):
+        assert 0o700 == stat.S_IMODE(made.stat().st_mode), made
+
+
+def test_a_squatted_default_location_is_refused(tmp_path: Path, monkeypatch):
+    """A default base that is a symlink planted by someone else is refused, not followed."""
+    from victor_mp_metrics import gunicorn_hooks
+
+    victim = tmp_path / "elsewhere"
+    victim.mkdir(mode=0o700)
+    squat = tmp_path / "victor-metrics-squat"
+    squat.symlink_to(victim)
+    monkeypatch.setattr(gunicorn_hooks, "default_base", lambda: str(squat))
+    with pytest.raises(SystemExit, match="symbolic link"):
+        gunicorn_hooks.use_default_directory()
+    assert [] == os.listdir(victim)
