@@ -312,15 +312,7 @@ class ServerHandle:
         """
         socks: list[socket.socket] = [self._listener, self._wake_r, self._wake_w]
         socks.extend(conn.sock for conn in list(self._conns.values()))
-        for sock in socks:
-            try:
-                sock.close()
-            except OSError:
-                pass
-        try:
-            self._selector.close()
-        except (OSError, RuntimeError):
-            pass
+        self._close_all(socks)
 
     # -- worker pool ------------------------------------------------------------------------
 
@@ -769,7 +761,11 @@ class ServerHandle:
     def _shutdown(self) -> None:
         for conn in list(self._conns.values()):
             self._close(conn)
-        for sock in (self._listener, self._wake_r):  # _wake_w: stop() closes it after the workers
+        self._close_all([self._listener, self._wake_r])  # _wake_w: stop() closes it later
+
+    def _close_all(self, socks: list[socket.socket]) -> None:
+        """Close ``socks`` and the selector, whatever state each is in."""
+        for sock in socks:
             try:
                 sock.close()
             except OSError:

@@ -41,7 +41,7 @@ def owner_file_intact(directory: str, ident: str, fd: int) -> bool:
     return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _locked(path: str) -> bool | None:
+def is_locked(path: str) -> bool | None:
     """True if someone holds a lock on ``path``, False if not, None if it is gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | OPEN_FLAGS)
@@ -77,7 +77,7 @@ def _pid_alive(pid: int, data_path: str | None) -> bool:
 def writer_alive(directory: str, ident: str, data_path: str | None = None) -> bool:
     """Whether the process that writes files under ``ident`` still runs (see module doc)."""
     if is_our_ident(ident):
-        locked = _locked(os.path.join(directory, ident + OWNER_SUFFIX))
+        locked = is_locked(os.path.join(directory, ident + OWNER_SUFFIX))
         if locked is not None:
             return locked
         return _pid_alive(int(ident.partition("-")[0]), data_path)

@@ -18,6 +18,7 @@ import shutil
 import stat
 
 from ._fs import OPEN_FLAGS
+from ._liveness import is_locked
 
 MASTER_LOCK = "master.lock"
 MASTER_PREFIX = "master-"
@@ -41,17 +42,7 @@ def claim(directory: str) -> tuple[int, int | None]:
 
 def held(directory: str) -> bool:
     """Whether a live master holds ``directory``'s ``master.lock``."""
-    try:
-        fd = os.open(os.path.join(directory, MASTER_LOCK), os.O_RDONLY | os.O_NONBLOCK | OPEN_FLAGS)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return is_locked(os.path.join(directory, MASTER_LOCK)) is True
 
 
 def _subdirs(base: str) -> list[str]:
