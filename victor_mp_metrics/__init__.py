@@ -15,6 +15,7 @@ from .exceptions import (
     DirectoryError,
     LabelError,
     MetricDefinitionError,
+    PushError,
     UnsafeDirectoryError,
     VictorMetricsError,
 )
@@ -28,6 +29,7 @@ from .instrument import (
     track_request_in_flight,
     track_tool,
 )
+from .push import push_directory
 from .registry import BoundMetric, PrometheusRegistry, get_prometheus_registry
 from .settings import DeploymentSettings, Settings, load_deployment_settings, load_settings
 
@@ -54,6 +56,7 @@ __all__ = [
     "MetricsServer",
     "NoopMetric",
     "PrometheusRegistry",
+    "PushError",
     "Settings",
     "Summary",
     "UnsafeDirectoryError",
@@ -68,6 +71,7 @@ __all__ = [
     "is_configured",
     "load_deployment_settings",
     "load_settings",
+    "push_directory",
     "record_cache_hit",
     "record_cache_miss",
     "record_request",

@@ -23,6 +23,8 @@ from __future__ import annotations
 import gc
 import os
 import platform
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -33,7 +35,11 @@ from . import _compat
 class ProcessMetrics:
     """This process's process and Python metrics, registered in ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry,
+                 gc_at_fork: Callable[[], list[dict[str, Any]]] = list) -> None:
+        """``gc_at_fork()``: the gc statistics inherited at this process's fork (its
+        parent's counts, which are the parent's to report), or [] for a process not forked."""
+        self._gc_at_fork = gc_at_fork
         self._cpu = Counter("process_cpu_seconds", "Total user and system CPU time spent in "
                             "seconds, over every process of the deployment, live and dead.",
                             registry=registry)
@@ -80,7 +86,10 @@ class ProcessMetrics:
             self._vms.set(memory.vms)
             self._fds.set(self._proc.num_fds())
             self._start.set(self._proc.create_time())
-        for generation, stats in enumerate(gc.get_stats()):
+        base = self._gc_at_fork()
+        for generation, current in enumerate(gc.get_stats()):
+            inherited = base[generation] if generation < len(base) else {}
+            stats = {k: v - inherited.get(k, 0) for k, v in current.items()}
             labels = str(generation)
             _compat.set_value(self._collections.labels(labels), stats["collections"])
             _compat.set_value(self._collected.labels(labels), stats["collected"])

@@ -14,6 +14,7 @@ per-process files, whatever the order in which modules were imported.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ class Runtime:
         self.master_lock_fd: int | None = None
         self.aborting = False  # Gunicorn is killing this worker for its timeout
         self.info_keys: dict[tuple[str, tuple[tuple[str, str], ...]], set[str]] = {}
+        self.gc_at_fork: list[dict[str, Any]] = []  # the parent's gc counts, not ours
 
 
 RUNTIME = Runtime()
@@ -125,7 +127,7 @@ def _process_sampler(registry: CollectorRegistry) -> Callable[[], None]:
         if made:
             made[0].sample()
         else:
-            made.append(ProcessMetrics(registry))
+            made.append(ProcessMetrics(registry, lambda: RUNTIME.gc_at_fork))
 
     return sample
 
@@ -292,6 +294,7 @@ def _after_fork_in_child() -> None:
     # The only after-fork handler of the package. Locks another thread of the parent may
     # have held are made anew; threads did not survive the fork, so their handles go.
     rt = RUNTIME
+    rt.gc_at_fork = gc.get_stats()
     rt.lock = threading.RLock()
     rt.readers = {}
     if rt.master_lock_fd is not None:

@@ -1,4 +1,4 @@
-"""``victor-metrics``: check, compact, dump and serve a multiprocess metrics directory.
+"""``victor-metrics``: check, compact, dump, serve and push a multiprocess metrics directory.
 
 Exit status: 0 ok, 1 problems found or the operation failed, 2 usage or configuration
 error. Results go to stdout, errors to stderr.
@@ -16,7 +16,7 @@ import threading
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from . import __version__, _derived, _doctor, _mpdir, _runtime
+from . import __version__, _doctor, _mpdir, _runtime, push
 from ._exposition import FamiliesCollector
 from ._server import start_metrics_server
 from .exceptions import ConfigurationError, VictorMetricsError
@@ -50,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         return _compact(directory)
     if args.command == "dump":
         return _dump(directory, args.format)
+    if args.command == "push":
+        return _push(directory, args, command)
     return _serve(directory, settings, args.port, args.addr, args.web_config)
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Check, compact, dump and serve the multiprocess metrics directory "
+        description="Check, compact, dump, serve and push the multiprocess metrics directory "
         "of victor_mp_metrics.",
         epilog=f"DIR defaults to ${DIR_ENV}. Exit status: 0 ok, 1 problems found or "
         "operation failed, 2 usage or configuration error.",
@@ -92,6 +94,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             description="Serve the aggregated /metrics of the directory until SIGINT or "
             "SIGTERM.",
         ),
+        "push": sub.add_parser(
+            "push", parents=[common], help="push the aggregated metrics to a Pushgateway",
+            description="Push the aggregated metrics of the directory (what dump prints) to "
+            "a Prometheus Pushgateway, as the group of --job and --grouping: for batch jobs, "
+            "once their processes have finished. Counters, histograms and summaries are the "
+            "totals of every process that wrote to the directory, live and dead; live* "
+            "gauges only those of processes alive now. Reads only.",
+            epilog="The Pushgateway never adds pushes up: give each directory its own group "
+            "(e.g. --grouping instance=$(hostname)) and use a fresh directory for each run.",
+        ),
     }
     doctor = commands["doctor"]
     doctor.add_argument("--url", help="also GET this /metrics URL, e.g. "
@@ -108,7 +120,37 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     serve.add_argument("--web-config", metavar="FILE",
                        help="exporter-toolkit web config: TLS, client certificates, bcrypt "
                        "basic auth (default: $VICTOR_METRICS_WEB_CONFIG); re-read on SIGHUP")
+    push_ = commands["push"]
+    push_.add_argument("--gateway", required=True, metavar="URL",
+                       help="the Pushgateway's base URL, e.g. http://localhost:9091")
+    push_.add_argument("--job", required=True, help="the job label of the group")
+    push_.add_argument("--grouping", action="append", default=[], type=_label_pair,
+                       metavar="KEY=VALUE",
+                       help="a further label of the group (repeatable), e.g. instance=host1")
+    push_.add_argument("--method", choices=("put", "post"), default="put",
+                       help="put replaces every metric of the group, post only the families "
+                       "pushed (default: put)")
+    push_.add_argument("--timeout", type=_seconds, default=push.DEFAULT_TIMEOUT, metavar="S",
+                       help=f"seconds to wait for the Pushgateway (default: "
+                       f"{push.DEFAULT_TIMEOUT:g})")
     return parser, commands
+
+
+def _label_pair(raw: str) -> tuple[str, str]:
+    name, sep, value = raw.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not KEY=VALUE, e.g. instance=host1")
+    return name, value
+
+
+def _seconds(raw: str) -> float:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds > 0")
+    return seconds
 
 
 def _port(raw: str) -> int:
@@ -201,12 +243,37 @@ def _dump(directory: str, fmt: str) -> int:
     if not os.path.isdir(directory):
         print(f"{PROG} dump: error: {directory} is not a directory", file=sys.stderr)
         return 1
-    reader = _mpdir.DirectoryReader(directory, read_only=True)
-    families = _derived.with_derived(list(reader.collect()))
+    families = push.aggregated_families(directory)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FamiliesCollector(families))
     generate = generate_openmetrics if fmt == "openmetrics" else generate_latest
     sys.stdout.write(generate(registry).decode("utf-8"))
+    return 0
+
+
+def _push(directory: str, args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
+    grouping: dict[str, str] = {}
+    for name, value in args.grouping:
+        if name in grouping:
+            command.print_usage(sys.stderr)
+            print(f"{command.prog}: error: --grouping {name}= given twice", file=sys.stderr)
+            return 2
+        grouping[name] = value
+    try:
+        result = push.push_directory(directory, args.gateway, args.job, grouping,
+                                     args.method, args.timeout)
+    except ConfigurationError as err:
+        command.print_usage(sys.stderr)
+        print(f"{command.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except VictorMetricsError as err:  # DirectoryError, PushError
+        print(f"{command.prog}: error: {err}", file=sys.stderr)
+        return 1
+    print(f"push: pushed {result.families} metric families ({result.samples} samples) of "
+          f"{directory} to {result.url} ({result.method})")
+    if not result.families:
+        print(f"{command.prog}: warning: {directory} holds no metrics; is it the directory "
+              "the job's processes wrote to?", file=sys.stderr)
     return 0
 
 

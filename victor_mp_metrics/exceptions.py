@@ -23,5 +23,10 @@ class DirectoryError(VictorMetricsError, OSError):
     """The multiprocess directory is missing, unusable or unsafe."""
 
 
+class PushError(VictorMetricsError, OSError):
+    """A Pushgateway could not be reached, answered with a status other than 2xx (nothing
+    was pushed), or did not answer in time (the push may have landed)."""
+
+
 class UnsafeDirectoryError(DirectoryError):
     """The multiprocess directory could be written by other users; it is refused."""
