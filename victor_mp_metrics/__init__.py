@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._compat import check_version  # noqa: F401 - first: refuses unsupported prometheus_client
 from ._exposition import gather, render
 from ._metrics import Counter, Gauge, GaugeMode, Histogram, NoopMetric, Summary
 from ._runtime import configure, get_settings, is_configured, reset

@@ -7,6 +7,8 @@ import time by :func:`check_version` rather than counting nothing in silence.
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -14,6 +16,117 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as _exposition
 from prometheus_client import values as _values
+
+from .exceptions import VictorMetricsError
+
+# --- the supported prometheus_client range, checked before any private API is touched ------
+# The range is declared once, in pyproject.toml's ``dependencies``, and read back from the
+# installed distribution's metadata. FALLBACK_REQUIREMENT serves only a source tree that was
+# never installed; tests/test_support_range.py keeps it equal to pyproject.toml.
+DISTRIBUTION = "victor-mp-metrics"
+PROMETHEUS_CLIENT = "prometheus-client"
+FALLBACK_REQUIREMENT = "prometheus-client>=0.20,<0.27"
+
+_REQUIREMENT = re.compile(
+    r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*"
+    r"\(?(?P<spec>[^;()]*)\)?\s*(?:;(?P<marker>.*))?$"
+)
+_CLAUSE = re.compile(r"^\s*(?P<op>~=|===|==|!=|<=|>=|<|>)\s*(?P<version>\S+?)\s*$")
+_RELEASE = re.compile(r"^v?(\d+(?:\.\d+)*)")
+
+
+class UnsupportedVersionError(VictorMetricsError, ImportError):
+    """The installed prometheus_client is outside the range this package supports."""
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release segment of a version (``0.26.0rc1`` -> (0, 26, 0)), zeros trimmed."""
+    match = _RELEASE.match(version.strip())
+    if match is None:
+        raise ValueError(f"not a version: {version!r}")
+    parts = [int(p) for p in match.group(1).split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def _prefix(version: str, prefix: str) -> bool:
+    wanted = _release(prefix)
+    have = _release(version) + (0,) * len(wanted)
+    return have[: len(wanted)] == wanted
+
+
+def _allows(version: str, clause: str) -> bool:
+    match = _CLAUSE.match(clause)
+    if match is None:
+        raise ValueError(f"cannot read the version clause {clause!r}")
+    op, bound = match.group("op"), match.group("version")
+    if op in ("==", "!=") and bound.endswith(".*"):
+        return _prefix(version, bound[:-2]) == (op == "==")
+    if op == "===":
+        return version.strip() == bound
+    have, edge = _release(version), _release(bound)
+    if op == "~=":
+        return have >= edge and _prefix(version, bound.rsplit(".", 1)[0])
+    return {"==": have == edge, "!=": have != edge, "<=": have <= edge,
+            ">=": have >= edge, "<": have < edge, ">": have > edge}[op]
+
+
+def supported_range() -> str:
+    """The prometheus-client versions this package supports, as declared in pyproject.toml
+    (read from the installed metadata), e.g. ``>=0.20,<0.27``."""
+    try:
+        requires = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        requires = []
+    for requirement in [*requires, FALLBACK_REQUIREMENT]:
+        match = _REQUIREMENT.match(requirement)
+        if (match is not None and _canonical(match.group("name")) == PROMETHEUS_CLIENT
+                and "extra" not in (match.group("marker") or "")):
+            clauses = [c.strip() for c in match.group("spec").split(",") if c.strip()]
+            # Lower bounds first: ">=0.20,<0.27" rather than the metadata's "<0.27,>=0.20".
+            return ",".join(sorted(clauses, key=lambda c: not c.startswith((">", "~", "="))))
+    raise AssertionError("unreachable: FALLBACK_REQUIREMENT names prometheus-client")
+
+
+def installed_version() -> str | None:
+    """The installed prometheus-client version, or None when it has no metadata."""
+    try:
+        return importlib.metadata.version(PROMETHEUS_CLIENT)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_version(installed: str | None = None, supported: str | None = None) -> None:
+    """Refuse (:class:`UnsupportedVersionError`, an ImportError) a prometheus_client outside
+    the supported range: this module's uses of its private API are checked against that range
+    only, and outside it the package could count nothing in silence.
+
+    ``installed`` and ``supported`` default to the installed version and
+    :func:`supported_range`; a prometheus_client without metadata is not refused.
+    """
+    installed = installed_version() if installed is None else installed
+    supported = supported_range() if supported is None else supported
+    if installed is None:
+        return
+    try:
+        ok = all(_allows(installed, c) for c in supported.split(",") if c.strip())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UnsupportedVersionError(
+            f"victor-mp-metrics supports prometheus-client {supported}, but prometheus-client "
+            f"{installed} is installed. victor_mp_metrics uses prometheus_client internals "
+            f"checked against that range only; with another version it could count nothing. "
+            f"Install a supported version: pip install 'prometheus-client{supported}'"
+        )
+
+
+check_version()
 
 # Checked against 0.20.0 - 0.26.x: ``values.ValueClass`` is read by every metric's
 # ``_metric_init`` when the metric (or a labelled child) is created.
