@@ -345,6 +345,12 @@ def main() -> int:
         help="requests per repeat of the in-process WSGI measurement, best of 5 repeats and 3 "
         "runs (default 1500; --quick 1000; 0 skips it)",
     )
+    parser.add_argument(
+        "--wsgi-only",
+        action="store_true",
+        help="only the in-process WSGI measurement (no Gunicorn, no wrk): the issue 16 "
+        "goal (ours adds <= 5 us per request) and the in-process table",
+    )
     parser.add_argument("--wsgi-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     wsgi_number = (
@@ -353,6 +359,8 @@ def main() -> int:
     if args.wsgi_child:
         wsgi_child(args.wsgi_child, wsgi_number)
         return 0
+    if args.wsgi_only:
+        return wsgi_only(args.only, wsgi_number or 1500)
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = args.warmup or 1.0
     args.rounds = args.rounds or (3 if args.quick else 2)
@@ -394,6 +402,56 @@ def main() -> int:
     return report(variants, counts, wsgi)
 
 
+def wsgi_only(only: list[str] | None, number: int) -> int:
+    """``--wsgi-only``: the in-process cost of each variant and the issue 16 goal."""
+    variants = [v for v in VARIANTS if (not only or v.name in only)]
+    print(f"in-process WSGI cost only; {number} requests x 5 repeats x 3 runs; {library()}; "
+          f"{load_average()}", flush=True)  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="victor-bench-http-"))
+    try:
+        wsgi = wsgi_costs(variants, number, 3, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(load_average())
+    print(wsgi_table(wsgi, {}))
+    verdicts = Verdicts()
+    overhead_goal(verdicts, wsgi)
+    print(verdicts.report())
+    return 1 if verdicts.failed else 0
+
+
+INPROCESS_GOAL_US = 5.0
+
+
+def overhead_goal(verdicts: Verdicts, wsgi: dict[str, float]) -> None:
+    """Issue 16: the in-process WSGI cost ours adds per request (multiprocess mode)."""
+    if "ours" in wsgi and "plain" in wsgi:
+        added = wsgi["ours"] - wsgi["plain"]
+        verdicts.check(
+            f"[#16] Flask request instrumentation, in-process WSGI cost added per request "
+            f"(multiprocess mode): <= {INPROCESS_GOAL_US:.0f} us",
+            added <= INPROCESS_GOAL_US,
+            f"+{added:.1f} us ({wsgi['ours']:.1f} vs {wsgi['plain']:.1f} us per request)",
+        )
+
+
+def wsgi_table(wsgi: dict[str, float], predicted: dict[str, float]) -> str:
+    plain_us = wsgi.get("plain")
+    return "\n".join([
+        "In-process WSGI cost (no Gunicorn, no sockets): CPU us per GET /ping, best of "
+        "3 runs x 5 repeats; overhead = this - plain; predicted = plain's worker CPU "
+        "per request / (the same + overhead)",
+        table(["variant", "us/request", "overhead us", "plain / this",
+               "predicted req/s vs plain"], [
+            [name, f"{us:.1f}", f"{us - plain_us:+.1f}" if plain_us else "-",
+             ratio(plain_us / us) if plain_us else "-",
+             ratio(predicted[name]) if name in predicted else "-"]
+            for name, us in wsgi.items()
+        ]),
+        "",
+    ])  # fmt: skip
+
+
 def report(variants: list[Variant], counts: dict[str, float | None], wsgi: dict[str, float]) -> int:
     best = {v.name: max(v.runs, key=lambda r: r.rps) for v in variants}
     # CPU per request hardly depends on what else runs on the machine: the lowest of the
@@ -433,18 +491,7 @@ def report(variants: list[Variant], counts: dict[str, float | None], wsgi: dict[
             name: cpu["plain"] / (cpu["plain"] + us - wsgi["plain"]) for name, us in wsgi.items()
         }
     if wsgi:
-        plain_us = wsgi.get("plain")
-        print("In-process WSGI cost (no Gunicorn, no sockets): CPU us per GET /ping, best of "
-              "3 runs x 5 repeats; overhead = this - plain; predicted = plain's worker CPU "
-              "per request / (the same + overhead)")  # fmt: skip
-        print(table(["variant", "us/request", "overhead us", "plain / this",
-                     "predicted req/s vs plain"], [
-            [name, f"{us:.1f}", f"{us - plain_us:+.1f}" if plain_us else "-",
-             ratio(plain_us / us) if plain_us else "-",
-             ratio(predicted[name]) if name in predicted else "-"]
-            for name, us in wsgi.items()
-        ]))  # fmt: skip
-        print()
+        print(wsgi_table(wsgi, predicted))
     verdicts = Verdicts()
     targets = [("ours", "plain", 0.90), ("ours", "pfe", 1.0), ("disabled", "plain", 0.98)]
     names = {"plain": "uninstrumented", "pfe": "prometheus_flask_exporter"}
@@ -472,6 +519,7 @@ def report(variants: list[Variant], counts: dict[str, float | None], wsgi: dict[
             got >= target,
             ratio(got),
         )
+    overhead_goal(verdicts, wsgi)
     errors = [v.name for v in variants if any(r.errors for r in v.runs)]
     verdicts.check("no socket errors or non-2xx responses", not errors,
                    ", ".join(errors) or "none")  # fmt: skip
