@@ -43,11 +43,23 @@ GUIDE = [
     ("victor_system_uptime_seconds", "gauge", ()),
     ("victor_active_connections", "gauge", ()),
 ]
+# Kept by the Gunicorn master (issue 15), after the guide's rows.
+SERVER = [
+    ("gunicorn_workers", "gauge", ()),
+    ("gunicorn_workers_desired", "gauge", ()),
+    ("gunicorn_worker_exits_total", "counter", ("reason",)),
+    ("gunicorn_worker_age_seconds", "histogram", ()),
+    ("gunicorn_worker_memory_bytes", "gauge", ("stat",)),
+    ("gunicorn_master_signals_total", "counter", ("signal",)),
+    ("gunicorn_reloads_total", "counter", ()),
+    ("gunicorn_backlog", "gauge", ()),
+]
 
 
 def test_table_matches_the_guide() -> None:
-    """The catalog has exactly the guide's metric names, types and label names, in order."""
-    assert GUIDE == [(s.name, s.kind, s.labels) for s in CATALOG]
+    """The catalog has exactly the guide's metric names, types and label names, in order,
+    then the Gunicorn master's."""
+    assert GUIDE + SERVER == [(s.name, s.kind, s.labels) for s in CATALOG]
 
 
 def test_sources_and_gauge_modes() -> None:
@@ -62,6 +74,10 @@ def test_sources_and_gauge_modes() -> None:
         "victor_system_memory_bytes": ("system", None),
         "victor_system_uptime_seconds": ("system", None),
         "victor_active_connections": ("process", "livesum"),
+        "gunicorn_workers": ("server", "livesum"),
+        "gunicorn_workers_desired": ("server", "livesum"),
+        "gunicorn_worker_memory_bytes": ("server", "livemax"),
+        "gunicorn_backlog": ("server", "livemax"),
     } == sources
 
 

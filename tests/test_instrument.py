@@ -214,3 +214,35 @@ def test_disabled_every_api_is_callable(metrics_dir: Path, monkeypatch: pytest.M
     assert [] == gather()
     assert [] == list(metrics_dir.iterdir())
     assert instrument.error_type_of(KeyError()) == "KeyError"
+
+
+def test_record_request_and_flask_share_one_error_type_rule() -> None:
+    """For 400, 404, 408, 429, 500, 503, 504 record_request and the Flask extension record
+    the same error_type (one rule: instrument.error_type_for_status)."""
+    from flask import Flask
+
+    from victor_mp_metrics import _runtime, gather
+    from victor_mp_metrics.flask_ext import VictorMetrics
+
+    statuses = (400, 404, 408, 429, 500, 503, 504)
+
+    def error_types() -> dict[str, str]:
+        return {s.labels["endpoint"]: s.labels["error_type"]
+                for family in gather() for s in family.samples
+                if s.name == "victor_request_errors_total"}
+
+    for status in statuses:
+        record_request(f"/s{status}", "GET", status, 1.0)
+    direct = error_types()
+    _runtime.reset()
+    app = Flask(__name__)
+    VictorMetrics(app)
+    for status in statuses:
+        app.add_url_rule(f"/s{status}", f"s{status}", lambda code=status: ("", code))
+    client = app.test_client()
+    for status in statuses:
+        client.get(f"/s{status}", buffered=True)
+    assert {"/s400": "bad_request", "/s404": "not_found", "/s408": "timeout",
+            "/s429": "rate_limit", "/s500": "server_error", "/s503": "unavailable",
+            "/s504": "timeout"} == direct
+    assert direct == error_types()

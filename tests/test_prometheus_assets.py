@@ -70,7 +70,7 @@ GRAFANA_VARIABLES = {
 }
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_METRIC = re.compile(r"\bvictor_[a-z0-9_]+\b")
+_METRIC = re.compile(r"\b(?:victor|gunicorn)_[a-z0-9_]+\b")
 _BY = re.compile(r"\bby\s*\(([^)]*)\)")
 _SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)?\{([^{}]*)\}")
 _MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
@@ -400,7 +400,9 @@ def test_dashboard_targets_use_datasource_and_filters() -> None:
         for selector in selectors:
             assert 'job=~"$job"' in selector, f"{where}: {{{selector}}}"
             assert 'instance=~"$instance"' in selector, f"{where}: {{{selector}}}"
-        bare = re.findall(r"\b(?:victor_[a-z0-9_]+|up)\b(?!\{)", _STRING.sub('""', expr))
+        bare = re.findall(
+            r"\b(?:(?:victor|gunicorn)_[a-z0-9_]+|up)\b(?!\{)", _STRING.sub('""', expr)
+        )
         assert [] == bare, f"{where}: selectors without the $job/$instance filters"
 
 
@@ -455,3 +457,15 @@ def test_dashboard_keeps_the_guide_panels() -> None:
     """The guide's Request Rate, Request Latency (p95) and Error Rate panels are there."""
     titles = {panel["title"] for panel in _dashboard()["panels"]}
     assert {"Request Rate", "Request Latency (p95)", "Error Rate"} <= titles
+
+
+def test_latency_panels_show_exemplars() -> None:
+    """Every latency (histogram bucket) query of the dashboard has exemplars turned on, so
+    a slow request links to its trace."""
+    import json
+
+    dashboard = json.loads((ASSETS / "grafana_dashboard.json").read_text())
+    targets = [t for panel in dashboard["panels"] for t in panel.get("targets", [])
+               if "victor_" in t.get("expr", "") and "_bucket" in t.get("expr", "")]
+    assert len(targets) >= 3  # request, LLM and tool latency, at least
+    assert all(t.get("exemplar") is True for t in targets)

@@ -29,7 +29,7 @@ BAD_VALUES = {
     "VICTOR_METRICS_SWEEP_INTERVAL": ["-1", "soon", "inf", "nan"],
     "VICTOR_BIND": ["8000", ":8000", "host:port", "127.0.0.1:0", "127.0.0.1:70000"],
     "VICTOR_WORKERS": ["0", "four", "1025"],
-    "VICTOR_WORKER_CLASS": ["gevent", "SYNC", "eventlet"],
+    "VICTOR_WORKER_CLASS": ["tornado", "SYNC", "uvicorn"],
     "VICTOR_THREADS": ["0", "257", "x"],
     "VICTOR_TIMEOUT": ["0", "3601", "30s"],
     "VICTOR_MAX_REQUESTS": ["-1", "lots"],

@@ -10,13 +10,16 @@
   is unset, point it at a private directory (mode 0700) on tmpfs when available.
 * ``on_starting``: validate settings and the directory; wipe files of earlier runs (never
   those of another live master sharing the directory: then dead files are compacted).
-* ``when_ready``: start the compactor thread (worker exits and periodic sweeps) and, if
-  ``VICTOR_METRICS_PORT`` is set, the master's aggregated ``/metrics`` server.
+* ``when_ready``: start the compactor thread (worker exits and periodic sweeps), keep the
+  server metrics (``gunicorn_*``: workers, exits and their reasons, signals, reloads,
+  backlog, workers' memory; see :mod:`._gunicorn_metrics`) and, if
+  ``VICTOR_METRICS_PORT`` is set, start the master's aggregated ``/metrics`` server.
 * ``post_fork``: nothing any more (the after-fork handler lets go of the master's server
   socket); kept so existing configs that import it still work.
 * ``child_exit``: runs in the master for every reaped worker, SIGKILL included: wakes the
-  compactor, which merges the dead worker's files. Its live gauges already vanished from
-  scrapes the moment it died (its owner lock was released).
+  compactor, which merges the dead worker's files, and counts the exit with its reason
+  and the worker's lifetime. Its live gauges already vanished from scrapes the moment it
+  died (its owner lock was released).
 * ``on_exit``: stop the compactor and compact what is left.
 
 Runtime hooks never raise into the arbiter: an error is logged and counted in
@@ -27,13 +30,17 @@ one clear line) on a bad setting or an unsafe directory.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import _mpdir, _runtime
+from gunicorn import __version__ as gunicorn_version
+from gunicorn.workers import SUPPORTED_WORKERS
+
+from . import _gunicorn_metrics, _mpdir, _runtime
 from ._compactor import Compactor, run_compaction
 from ._server import MetricsServer, start_metrics_server
 from .exceptions import VictorMetricsError
@@ -56,13 +63,46 @@ def default_directory() -> str:
 
 
 def settings_or_exit() -> DeploymentSettings:
-    """The deployment settings for a ``gunicorn.conf.py``; a bad value of either section
-    exits with one clear line (Gunicorn must not start half-configured)."""
+    """The deployment settings for a ``gunicorn.conf.py``; a bad value of either section,
+    or a worker class this machine cannot run, exits with one clear line (Gunicorn must
+    not start half-configured)."""
     try:
         load_settings()
-        return load_deployment_settings()
+        deployment = load_deployment_settings()
     except VictorMetricsError as err:
         raise SystemExit(f"victor_mp_metrics: refusing to start: {err}") from None
+    problem = worker_class_problem(deployment.worker_class)
+    if problem is not None:
+        raise SystemExit(f"victor_mp_metrics: refusing to start: {problem}")
+    return deployment
+
+
+# Worker classes that need more than Gunicorn: (module to import, extra that brings it).
+_WORKER_NEEDS = {
+    "gevent": ("gevent", "gevent"),
+    "eventlet": ("eventlet", "eventlet"),
+    "uvicorn_worker.UvicornWorker": ("uvicorn_worker", "asgi"),
+}
+
+
+def worker_class_problem(worker_class: str) -> str | None:
+    """Why Gunicorn could not run ``worker_class`` here (what to install), or None."""
+    if "." not in worker_class and worker_class not in SUPPORTED_WORKERS:
+        removed = ""
+        if worker_class == "eventlet":
+            removed = " (Gunicorn 26.0 removed the eventlet worker)"
+        return (
+            f"VICTOR_WORKER_CLASS={worker_class}: Gunicorn {gunicorn_version} has no such "
+            f"worker{removed}. Use gevent or gthread, or install a Gunicorn that has it "
+            f"(pip install 'victor-mp-metrics[{worker_class}]')."
+        )
+    needs = _WORKER_NEEDS.get(worker_class)
+    if needs is not None and importlib.util.find_spec(needs[0]) is None:
+        return (
+            f"VICTOR_WORKER_CLASS={worker_class} needs the {needs[0]!r} package: "
+            f"pip install 'victor-mp-metrics[{needs[1]}]'."
+        )
+    return None
 
 
 def use_default_directory() -> str:
@@ -194,6 +234,7 @@ def when_ready(server: Any) -> None:
     settings = _runtime.get_settings()
     if settings.enabled:
         _runtime.create_self_counters()
+        _watch_server(server)
     if settings.multiprocess and rt.compactor is None:
         assert settings.multiproc_dir is not None
         compactor = Compactor(settings.multiproc_dir, settings.sweep_interval)
@@ -214,6 +255,12 @@ def when_ready(server: Any) -> None:
         rt.server = metrics_server
         log.info("victor_mp_metrics: master serves /metrics on %s:%d", settings.addr,
                  metrics_server.port)
+
+
+@_never_raise
+def _watch_server(server: Any) -> None:
+    # Guarded on its own: a failure here must not keep the metrics port from starting.
+    _gunicorn_metrics.watch(server)
 
 
 @_never_raise
@@ -239,10 +286,12 @@ def worker_abort(worker: Any) -> None:
 
 @_never_raise
 def child_exit(server: Any, worker: Any) -> None:
-    """In the master, for every reaped worker: have its files compacted."""
+    """In the master, for every reaped worker: have its files compacted, count its exit."""
     compactor = _runtime.RUNTIME.compactor
     if isinstance(compactor, Compactor):
         compactor.request()
+    if _runtime.get_settings().enabled:
+        _gunicorn_metrics.worker_exited(server, worker)
 
 
 @_never_raise

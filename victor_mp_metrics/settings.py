@@ -97,10 +97,13 @@ def _bind(raw: str) -> str:
     return value
 
 
+_WORKER_CLASSES = ("sync", "gthread", "gevent", "eventlet", "uvicorn_worker.UvicornWorker")
+
+
 def _worker_class(raw: str) -> str:
     value = raw.strip()
-    if value not in ("sync", "gthread"):
-        raise ValueError("sync or gthread")
+    if value not in _WORKER_CLASSES:
+        raise ValueError(", ".join(_WORKER_CLASSES[:-1]) + " or " + _WORKER_CLASSES[-1])
     return value
 
 
@@ -175,8 +178,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Address the app listens on (`-b` overrides).", section="deployment"),
     Setting("workers", "VICTOR_WORKERS", _int_range(1, 1024), 4, "1-1024",
             "Number of worker processes (`-w` overrides).", section="deployment"),
-    Setting("worker_class", "VICTOR_WORKER_CLASS", _worker_class, "sync", "sync or gthread",
-            "Gunicorn worker class.", section="deployment"),
+    Setting("worker_class", "VICTOR_WORKER_CLASS", _worker_class, "sync",
+            "sync, gthread, gevent, eventlet or uvicorn_worker.UvicornWorker",
+            "Gunicorn worker class. gevent, eventlet and uvicorn_worker.UvicornWorker (for "
+            "ASGI apps) need the extras `[gevent]`, `[eventlet]` (it pins Gunicorn < 26: "
+            "26.0 removed that worker) and `[asgi]`.", section="deployment"),
     Setting("threads", "VICTOR_THREADS", _int_range(1, 256), 1, "1-256",
             "Threads per worker (gthread).", section="deployment"),
     Setting("timeout", "VICTOR_TIMEOUT", _int_range(1, 3600), 30, "1-3600",
