@@ -64,12 +64,15 @@ def settled(url: str, expected: float, name: str, **labels: str) -> dict[str, fl
     """Scrapes until ``name`` totals ``expected`` (at most 10 s); returns the last scrape.
 
     A client has its response before the worker closes it, which is when the request is
-    recorded: the last few requests may land a moment after their responses.
+    recorded: the last few requests may land a moment after their responses. Waits too
+    until no request is in flight, so every duration has been observed.
     """
     deadline = time.monotonic() + 10
     while True:
         samples = scrape(url)
-        if total(samples, name, **labels) == expected or time.monotonic() > deadline:
+        done = (total(samples, name, **labels) == expected
+                and total(samples, "victor_active_connections") == 0)  # all timed
+        if done or time.monotonic() > deadline:
             return samples
         time.sleep(0.05)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import hmac
 import logging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Mapping
 
 import psutil
 from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from . import _compat, _derived, _runtime, _system
@@ -95,6 +97,14 @@ def gather(settings: Settings | None = None, *, created: bool = False) -> list[M
         ours = {f.name for f in families}
         families += [_without_created(f) for f in REGISTRY.collect() if f.name not in ours]
     families = _derived.with_derived(families)
+    families.extend(_local_families(s, started, files, nbytes))
+    return families
+
+
+def _local_families(s: Settings, started: float, files: int, nbytes: int) -> list[Metric]:
+    """The families this process adds after the directory's: system, self-metrics, and
+    the misconfiguration flag."""
+    families: list[Metric] = []
     try:
         families.extend(_system.collect_system_metrics())
     except Exception:  # processes come and go; the rest of the scrape must not suffer
@@ -109,6 +119,37 @@ def gather(settings: Settings | None = None, *, created: bool = False) -> list[M
         misconfigured.add_metric((problem,), 1.0)
         families.append(misconfigured)
     return families
+
+
+# The directory families `_derived` computes from (Metric names: a counter's lacks _total).
+_DERIVED_INPUTS = frozenset(("victor_cache_hits", "victor_cache_hits_total",
+                             "victor_cache_misses", "victor_cache_misses_total"))
+
+
+def _text_answer(
+    s: Settings, multiproc_dir: str, content_type: str, accept_encoding: str | None
+) -> tuple[str, list[tuple[str, str]], bytes]:
+    """The plain text answer of a multiprocess directory, printed from the merged values
+    (``DirectoryReader.read_text``) rather than through Metric objects: the same bytes as
+    :func:`gather` + ``generate_latest``, many times faster at high cardinality."""
+    started = time.perf_counter()
+    found = _runtime.reader(multiproc_dir).read_text(
+        _DERIVED_INPUTS, frozenset((_derived.HIT_RATE,)))
+    count_read(found.report)
+    if found.text is None:
+        head = ""
+        families = _derived.with_derived(found.families)
+    else:
+        head = found.text
+        inputs = {id(f) for f in found.families}
+        families = [f for f in _derived.with_derived(found.families) if id(f) not in inputs]
+    families.extend(_local_families(s, started, found.report.files, found.report.nbytes))
+    body = head.encode("utf-8") + generate_latest(FamiliesCollector(families))
+    headers = [("Content-Type", content_type)]
+    if gzip_accepted(accept_encoding):  # type: ignore[arg-type]
+        body = gzip.compress(body)
+        headers.append(("Content-Encoding", "gzip"))
+    return "200 OK", headers, body
 
 
 def _without_created(family: Metric) -> Metric:
@@ -172,6 +213,11 @@ def render(
         )
     if not s.enabled:
         return "200 OK", [("Content-Type", "text/plain; charset=utf-8")], DISABLED_BODY
+    if s.multiproc_dir is not None and "name[]" not in (params or {}):
+        encoder, content_type = choose_encoder(lower.get("accept"))  # type: ignore[arg-type]
+        if encoder is generate_latest:  # text 0.0.4, prometheus_client's default escaping
+            return _text_answer(s, s.multiproc_dir, content_type,
+                                lower.get("accept-encoding"))
     registry = CollectorRegistry(auto_describe=False)
     openmetrics = "application/openmetrics-text" in (lower.get("accept") or "")
     registry.register(FamiliesCollector(gather(s, created=openmetrics)))

@@ -296,7 +296,7 @@ def _after_fork_in_child() -> None:
     rt = RUNTIME
     rt.gc_at_fork = gc.get_stats()
     rt.lock = threading.RLock()
-    rt.readers = {}
+    rt.readers = {d: r for d, r in rt.readers.items() if r.after_fork()}
     if rt.master_lock_fd is not None:
         os.close(rt.master_lock_fd)  # our copy only: the master keeps its lock
         rt.master_lock_fd = None

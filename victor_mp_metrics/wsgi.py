@@ -131,9 +131,9 @@ class RequestTracker:
         self.done = True
         elapsed_ms = (time.perf_counter() - self.started) * 1000.0
         try:
-            get_catalog().active_connections.dec()
-            if self.route is not None:
+            if self.route is not None:  # timed before it leaves the in-flight gauge
                 self.route.duration.observe(elapsed_ms, self.exemplar)
+            get_catalog().active_connections.dec()
         except Exception:
             log.exception("victor_mp_metrics: could not record request metrics")
         if self.exemplar is not None:

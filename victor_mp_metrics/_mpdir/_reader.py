@@ -43,13 +43,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.samples import Exemplar, Sample
+from prometheus_client.samples import Exemplar
 
+from ._families import Family, Layout, Snapshot, Source
 from ._format import (
     TWO_DOUBLES,
     CorruptFile,
     Key,
-    Labels,
     iter_entries,
     iter_exemplars,
     parse_key,
@@ -57,7 +57,6 @@ from ._format import (
 from ._fs import OPEN_FLAGS, Unreadable, open_regular, quarantine, read_data, read_used
 from ._liveness import writer_alive
 from ._manifest import Manifest, read_manifest
-from ._merge import merge, rule_of
 from ._names import (
     COMPACT_LOCK,
     EXEMPLARS_SUFFIX,
@@ -66,15 +65,13 @@ from ._names import (
     archive_exemplars_name,
     parse_name,
 )
+from ._render import TextPlanner
 from ._tombstones import EMPTY, Tombstones, read_tombstones
 
 log = logging.getLogger("victor_mp_metrics")
 
 _MAX_ATTEMPTS = 5
 _LOCKED_READ_WAIT = 10.0
-
-SampleKey = tuple[str, Labels]
-
 
 class _Retry(Exception):
     """The directory changed under a read; start the snapshot again."""
@@ -92,116 +89,14 @@ class ReadReport:
     quarantined: int = 0
 
 
-def _bucket_bound(value: float) -> str:
-    # prometheus_client.utils.floatToGoString, for the values a bucket bound can take.
-    if value == float("inf"):
-        return "+Inf"
-    if value == float("-inf"):
-        return "-Inf"
-    text = repr(float(value))
-    if "e+" in text:
-        mantissa, exponent = text.split("e+")
-        return f"{mantissa}e+{int(exponent):02d}"
-    return text
+@dataclass
+class TextRead:
+    """What :meth:`DirectoryReader.read_text` found: the text (None: the fast path did
+    not apply and ``families`` are all the families), the wanted families, the report."""
 
-
-class _Family:
-    """The merged values of one metric family."""
-
-    __slots__ = ("buckets", "exemplars", "help", "mode", "rule", "typ", "values")
-
-    def __init__(self, typ: str, help_text: str, mode: str) -> None:
-        self.typ = {"info": "info", "stateset": "stateset"}.get(mode, typ)
-        self.help = help_text
-        self.mode = mode
-        self.rule = rule_of(mode)
-        self.values: dict[SampleKey, tuple[float, float]] = {}
-        # histogram bucket sample key -> (labels without le, bound)
-        self.buckets: dict[SampleKey, tuple[Labels, float]] = {}
-        self.exemplars: dict[SampleKey, Exemplar] = {}
-
-    def copy(self) -> _Family:
-        new = _Family(self.typ, self.help, self.mode)
-        new.typ = self.typ
-        new.values = dict(self.values)
-        new.buckets = dict(self.buckets)
-        new.exemplars = dict(self.exemplars)
-        return new
-
-    def add(self, key: Key, value: float, timestamp: float, ident: str) -> None:
-        labels = key.labels
-        if self.mode in ("all", "liveall"):
-            labels = (*labels, ("pid", ident))
-        sk = (key.sample, labels)
-        if key.le is not None and self.typ == "histogram":
-            self.buckets[sk] = (key.without_le, key.le)
-        merge(self.values, sk, value, timestamp, self.rule)
-
-    def metric(self, name: str, created: bool = False) -> Metric:
-        """The family as a prometheus_client Metric; ``created`` adds ``_created`` samples
-        (the earliest creation in any process) to counters and histograms."""
-        metric = Metric(name, self.help, self.typ)
-        samples = metric.samples
-        if self.typ == "info":
-            self._info_samples(samples)
-            return metric
-        buckets: dict[Labels, list[tuple[float, float, SampleKey]]] = {}
-        first: dict[Labels, float] = {}
-        exemplars = self.exemplars
-        for sk, (value, ts) in self.values.items():
-            bucket = self.buckets.get(sk)
-            if bucket is not None:
-                buckets.setdefault(bucket[0], []).append((bucket[1], value, sk))
-            else:
-                samples.append(Sample(sk[0], dict(sk[1]), value, None, exemplars.get(sk)))
-            if created and ts > 0.0:
-                labels = bucket[0] if bucket is not None else sk[1]
-                if ts < first.get(labels, float("inf")):
-                    first[labels] = ts
-        if created and self.typ in ("counter", "histogram"):
-            samples.extend(Sample(name + "_created", dict(labels), ts)
-                           for labels, ts in first.items())
-        for labels, bounds in buckets.items():
-            acc = 0.0
-            for bound, value, sk in sorted(bounds, key=lambda b: b[0]):
-                acc += value
-                le = dict(labels)
-                le["le"] = _bucket_bound(bound)
-                samples.append(Sample(name + "_bucket", le, acc, None, exemplars.get(sk)))
-            samples.append(Sample(name + "_count", dict(labels), acc))
-        return metric
-
-
-    def _info_samples(self, samples: list[Sample]) -> None:
-        # One info per label set: the value-1 entry with the newest stamp.
-        newest: dict[Labels, tuple[float, Sample]] = {}
-        for (sample, labels), (value, ts) in self.values.items():
-            if value != 1.0:
-                continue
-            base = tuple(item for item in labels if item[0] != INFO_LABEL)
-            try:
-                info = json.loads(dict(labels).get(INFO_LABEL, "{}"))
-            except ValueError:
-                continue
-            if not isinstance(info, dict):
-                continue
-            if ts >= newest.get(base, (-1.0, None))[0]:
-                newest[base] = (ts, Sample(sample, {**dict(base), **info}, 1.0))
-        samples.extend(found for _ts, found in newest.values())
-
-
-INFO_LABEL = "__info__"
-
-
-class _Layout:
-    """Parsed keys and value offsets of one writer file, extended as the file grows."""
-
-    __slots__ = ("entries", "inode", "used")
-
-    def __init__(self, inode: tuple[int, int]) -> None:
-        self.inode = inode
-        self.used = 8
-        self.entries: list[tuple[Key, int]] = []
+    text: str | None
+    families: list[Metric]
+    report: ReadReport
 
 
 class DirectoryReader:
@@ -215,10 +110,20 @@ class DirectoryReader:
         self.last = ReadReport()
         self._lock = threading.Lock()
         self._keys: dict[bytes, Key] = {}
-        self._layouts: dict[str, _Layout] = {}
-        self._archive: tuple[tuple[object, ...], dict[str, _Family]] | None = None
+        self._layouts: dict[str, Layout] = {}
+        self._archive: tuple[tuple[object, ...], dict[str, Family]] | None = None
         self._warned: set[tuple[str, tuple[int, int]]] = set()
         self._tombstones: Tombstones = EMPTY
+        self._text = TextPlanner(self._family)
+
+    def after_fork(self) -> bool:
+        """In a forked child: keep the caches (a worker's first scrape is then as cheap as
+        a warm one) with a new lock; False when the parent was reading at the fork, so the
+        caches may be half updated and the child must make a new reader."""
+        if self._lock.locked():
+            return False
+        self._lock = threading.Lock()
+        return True
 
     def collect(self) -> Iterable[Metric]:
         """The aggregated families (prometheus_client collector protocol)."""
@@ -228,23 +133,56 @@ class DirectoryReader:
         """Every family of the directory, and what the read did; ``created`` adds the
         ``_created`` samples OpenMetrics shows."""
         with self._lock:
-            self._tombstones = read_tombstones(self.directory, self._tombstones)
             report = ReadReport()
             started = time.perf_counter()
-            families = None
-            for _ in range(_MAX_ATTEMPTS):
-                try:
-                    families = self._snapshot(report)
-                    break
-                except _Retry:
-                    report.retries += 1
-            if families is None:
-                families = self._locked_snapshot(report)
+            families = self._families(self._consistent(report, None))
             report.duration = time.perf_counter() - started
             self.last = report
             return [fam.metric(name, created) for name, fam in families.items()], report
 
-    def _locked_snapshot(self, report: ReadReport) -> dict[str, _Family]:
+    def read_text(self, wanted: frozenset[str], excluded: frozenset[str]) -> TextRead:
+        """The directory in the Prometheus text format (0.0.4), as ``generate_latest`` of
+        :meth:`read`'s families would print it, without the families named in
+        ``excluded``; plus the families named in ``wanted`` as Metrics (their text is
+        included). Falls back to :meth:`read`'s families when a removed label set touches
+        a live file (``TextRead.text`` is None then)."""
+        with self._lock:
+            report = ReadReport()
+            started = time.perf_counter()
+            snapshot = self._consistent(report, [])
+            found = self._text.render(snapshot, wanted, excluded, self._tombstones)
+            if found is None:
+                metrics = [fam.metric(name) for name, fam in self._families(snapshot).items()]
+                result = TextRead(None, metrics, report)
+            else:
+                result = TextRead(found[0], found[1], report)
+            report.duration = time.perf_counter() - started
+            self.last = report
+            return result
+
+    def _consistent(self, report: ReadReport, sources: list[Source] | None) -> Snapshot:
+        """A consistent snapshot; ``sources`` (a list to fill) keeps the writer files
+        unmerged (the fast path), None merges them (and their exemplars) at once."""
+        self._tombstones = read_tombstones(self.directory, self._tombstones)
+        for _ in range(_MAX_ATTEMPTS):
+            try:
+                return self._snapshot(report, sources)
+            except _Retry:
+                report.retries += 1
+                if sources is not None:
+                    sources.clear()
+        return self._locked_snapshot(report, sources)
+
+    def _families(self, snapshot: Snapshot) -> dict[str, Family]:
+        """The merged families of a snapshot (merging the writer files it kept)."""
+        if not snapshot.sources:
+            return snapshot.archive
+        families = {name: fam.copy() for name, fam in snapshot.archive.items()}
+        for info, data, layout in snapshot.sources:
+            self._merge_entries(info, data, layout, families)
+        return families
+
+    def _locked_snapshot(self, report: ReadReport, sources: list[Source] | None) -> Snapshot:
         """A snapshot under a shared ``compact.lock``: no compaction commits meanwhile."""
         create = 0 if self.read_only else os.O_CREAT
         try:
@@ -270,7 +208,7 @@ class DirectoryReader:
                         ) from None
                     time.sleep(0.005)
             try:
-                return self._snapshot(report)
+                return self._snapshot(report, sources)
             except _Retry:
                 raise RuntimeError(
                     f"{self.directory} changed while {COMPACT_LOCK} was held; is something "
@@ -281,13 +219,15 @@ class DirectoryReader:
 
     # -- one snapshot --
 
-    def _snapshot(self, report: ReadReport) -> dict[str, _Family]:
+    def _snapshot(self, report: ReadReport, sources: list[Source] | None) -> Snapshot:
         manifest = self._manifest(report)
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
-            return {}
-        families = self._archive_families(manifest, names, report)
+            return Snapshot((), {}, [])
+        version, archive = self._archive_families(manifest, names, report)
+        families = archive if sources is not None else {
+            name: fam.copy() for name, fam in archive.items()}
         alive: dict[str, bool] = {}
         files = nbytes = 0
         seen: set[str] = set()
@@ -303,23 +243,29 @@ class DirectoryReader:
                 if not live:
                     continue
             seen.add(name)
-            n = self._read_writer_file(info, families, report)
-            if n:
-                files += 1
-                nbytes += n
+            loaded = self._load_writer_file(info, report)
+            if loaded is None:
+                continue
+            files += 1
+            nbytes += len(loaded[0])
+            if sources is None:
+                self._merge_entries(info, *loaded, families)
+            else:
+                sources.append((info, *loaded))
         for stale in self._layouts.keys() - seen:
             del self._layouts[stale]
-        idents = {info.ident for info in map(parse_name, seen) if info is not None}
-        for exemplars in [archive_exemplars_name(manifest.generation),
-                          *(ident + EXEMPLARS_SUFFIX for ident in sorted(idents))]:
-            self._read_exemplars(exemplars, families)
+        if sources is None:  # exemplars are shown in OpenMetrics only, never in text
+            idents = {info.ident for info in map(parse_name, seen) if info is not None}
+            for exemplars in [archive_exemplars_name(manifest.generation),
+                              *(ident + EXEMPLARS_SUFFIX for ident in sorted(idents))]:
+                self._read_exemplars(exemplars, families)
         if self._manifest(report) != manifest:
             raise _Retry
         report.files = files
         report.nbytes = nbytes
-        return families
+        return Snapshot(version, families, sources or [])
 
-    def _read_exemplars(self, name: str, families: dict[str, _Family]) -> None:
+    def _read_exemplars(self, name: str, families: dict[str, Family]) -> None:
         """Attach the exemplars of file ``name`` (newest wins) to the families' samples."""
         try:
             data, _stat = read_data(self.directory, name)
@@ -352,11 +298,12 @@ class DirectoryReader:
 
     def _archive_families(
         self, manifest: Manifest, names: list[str], report: ReadReport
-    ) -> dict[str, _Family]:
+    ) -> tuple[tuple[object, ...], dict[str, Family]]:
+        """The merged families of the current archive (cached: never modify them)."""
         cached = self._archive
         version = (manifest.epoch, manifest.generation, self._tombstones.version)
         if cached is None or cached[0] != version:
-            families: dict[str, _Family] = {}
+            families: dict[str, Family] = {}
             for name in names:
                 info = parse_name(name)
                 if info is None or info.generation != manifest.generation:
@@ -376,29 +323,31 @@ class DirectoryReader:
                         self._family(families, key, info).add(key, value, timestamp,
                                                               info.ident)
             cached = self._archive = (version, families)
-        return {name: fam.copy() for name, fam in cached[1].items()}
+        return cached
 
-    def _read_writer_file(
-        self, info: DataFile, families: dict[str, _Family], report: ReadReport
-    ) -> int:
+    def _load_writer_file(
+        self, info: DataFile, report: ReadReport
+    ) -> tuple[bytes, Layout] | None:
+        """A writer file's used bytes and its layout, extended to them; None if it is
+        gone or unreadable (reported)."""
         try:
             fd, stat = open_regular(self.directory, info.name)
         except FileNotFoundError:
-            return 0  # compacted away after we listed it: the manifest check catches it
+            return None  # compacted away after we listed it: the manifest check catches it
         except Unreadable as err:
             self._unreadable(info, (0, 0), err, report)
-            return 0
+            return None
         inode = (stat.st_dev, stat.st_ino)
         try:
             data = read_used(fd, stat)
         except Unreadable as err:
             self._unreadable(info, inode, err, report)
-            return 0
+            return None
         finally:
             os.close(fd)
         layout = self._layouts.get(info.name)
         if layout is None or layout.inode != inode or layout.used > len(data):
-            layout = self._layouts[info.name] = _Layout(inode)
+            layout = self._layouts[info.name] = Layout(inode)
         if len(data) > layout.used:
             try:
                 tail = [(self._key(raw), pos) for raw, _v, _t, pos in _entries(data)
@@ -406,16 +355,22 @@ class DirectoryReader:
             except Unreadable as err:
                 del self._layouts[info.name]
                 self._unreadable(info, inode, err, report)
-                return 0
+                return None
             layout.entries.extend(tail)
             layout.used = len(data)
+        if not data:
+            return None
+        return data, layout
+
+    def _merge_entries(
+        self, info: DataFile, data: bytes, layout: Layout, families: dict[str, Family]
+    ) -> None:
         unpack = TWO_DOUBLES.unpack_from
         removed = self._tombstones.removed if self._tombstones.by_metric else None
         for key, pos in layout.entries:
             value, timestamp = unpack(data, pos)
             if removed is None or not removed(key, timestamp):
                 self._family(families, key, info).add(key, value, timestamp, info.ident)
-        return len(data)
 
     # -- helpers --
 
@@ -429,10 +384,10 @@ class DirectoryReader:
         return key
 
     @staticmethod
-    def _family(families: dict[str, _Family], key: Key, info: DataFile) -> _Family:
+    def _family(families: dict[str, Family], key: Key, info: DataFile) -> Family:
         fam = families.get(key.metric)
         if fam is None:
-            fam = families[key.metric] = _Family(info.typ, key.help, info.mode)
+            fam = families[key.metric] = Family(info.typ, key.help, info.mode)
         return fam
 
     def _unreadable(

@@ -1,0 +1,169 @@
+"""The text format printed from merged arrays equals generate_latest of the reader's families."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client.exposition import generate_latest
+
+from victor_mp_metrics import _compat
+from victor_mp_metrics._exposition import FamiliesCollector
+from victor_mp_metrics._mpdir import DirectoryReader, add_tombstone, compact
+
+from ._dirs import live_owner, write_data_file
+
+_MODES = sorted(_compat.GAUGE_MODES)
+_values = st.one_of(
+    st.floats(min_value=-1e6, max_value=1e6, allow_nan=False).map(lambda v: round(v, 3)),
+    st.sampled_from([0.0, -0.0, 1e7, 123456789.5, float("inf"), float("-inf"), float("nan")]),
+)
+_labels = st.sampled_from([{}, {"a": "x"}, {"a": 'q"\\\nz'}, {"a": "x", "b": "ü z"}])
+
+
+@st.composite
+def _directories(draw):
+    """Writers of every kind and gauge mode, with values stock never writes (NaN, -0.0)."""
+    writers = draw(st.integers(min_value=1, max_value=4))
+    files = []
+    clock = 0.0
+    for w in range(writers):
+        ident = f"{20000 + w}-{w:08x}"
+        for kind in draw(st.sets(st.sampled_from(
+            ["counter", "histogram", "summary", *(f"gauge_{m}" for m in _MODES)]
+        ), min_size=1, max_size=5)):
+            entries = []
+            for labels in draw(st.lists(_labels, min_size=1, max_size=3, unique_by=str)):
+                clock += 1.0
+                if kind == "counter":
+                    entries.append(("c", "c_total", labels, draw(_values), clock))
+                elif kind == "summary":
+                    entries.append(("s", "s_count", labels, draw(_values), clock))
+                    entries.append(("s", "s_sum", labels, draw(_values), clock))
+                elif kind == "histogram":
+                    for le in draw(st.permutations(["0.5", "1.0", "+Inf", "1e7"])):
+                        entries.append(("h", "h_bucket", {**labels, "le": le},
+                                        draw(_values), clock))
+                    entries.append(("h", "h_sum", labels, draw(_values), clock))
+                else:
+                    mode = kind.split("_", 1)[1]
+                    if mode in ("info", "stateset"):
+                        value = draw(st.sampled_from([0.0, 1.0]))
+                        extra = ({"__info__": '{"v": "1"}'} if mode == "info"
+                                 else {f"g_{mode}": draw(st.sampled_from(["a", "b"]))})
+                        entries.append((f"g_{mode}", f"g_{mode}", {**labels, **extra},
+                                        value, clock))
+                    else:
+                        entries.append((f"g_{mode}", f"g_{mode}", labels, draw(_values),
+                                        draw(st.sampled_from([0.0, clock]))))
+            files.append((kind, ident, entries))
+    return writers, files
+
+
+def _slow(directory: Path) -> bytes:
+    return generate_latest(FamiliesCollector(DirectoryReader(str(directory)).read()[0]))
+
+
+def _fast(reader: DirectoryReader) -> bytes | None:
+    """read_text's text; the first time it sees new sources it must give the families."""
+    first = reader.read_text(frozenset(), frozenset())
+    found = reader.read_text(frozenset(), frozenset())
+    assert found.text is not None
+    if first.text is None:
+        assert found.text.encode() == generate_latest(FamiliesCollector(first.families))
+    return found.text.encode("utf-8")
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=_directories(), survivors=st.integers(0, 4))
+def test_fast_text_equals_generate_latest(tmp_path_factory, spec, survivors):
+    """Same bytes as generate_latest of read(): cold, warm, after deaths and compaction."""
+    directory = tmp_path_factory.mktemp("d")
+    writers, files = spec
+    fds = {w: live_owner(directory, f"{20000 + w}-{w:08x}") for w in range(writers)}
+    try:
+        for kind, ident, entries in files:
+            write_data_file(directory, kind, ident, entries)
+        reader = DirectoryReader(str(directory))
+        assert _slow(directory) == _fast(reader)
+        assert _slow(directory) == _fast(reader)  # warm plan
+        for w in range(writers):
+            if w >= survivors:
+                os.close(fds.pop(w))
+        assert _slow(directory) == _fast(reader)  # dead writers' live gauges gone
+        compact(str(directory))
+        assert _slow(directory) == _fast(reader)  # archive as the base
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_tombstone_on_a_live_file_falls_back_to_the_families(tmp_path: Path) -> None:
+    """A removed label set in a writer file: read_text gives read()'s families instead."""
+    fd = live_owner(tmp_path, "30000-0000abcd")
+    try:
+        write_data_file(tmp_path, "counter", "30000-0000abcd",
+                        [("c", "c_total", {"a": "x"}, 2.0, 1.0),
+                         ("c", "c_total", {"a": "y"}, 3.0, 1.0)])
+        add_tombstone(str(tmp_path), "c", {"a": "x"})
+        reader = DirectoryReader(str(tmp_path))
+        reader.read_text(frozenset(), frozenset())
+        found = reader.read_text(frozenset(), frozenset())
+        assert found.text is None
+        assert _slow(tmp_path) == generate_latest(FamiliesCollector(found.families))
+    finally:
+        os.close(fd)
+
+
+def test_wanted_and_excluded_families(tmp_path: Path) -> None:
+    """``wanted`` families come back as Metrics; ``excluded`` ones are left out of the text."""
+    fd = live_owner(tmp_path, "30000-0000abcd")
+    try:
+        write_data_file(tmp_path, "counter", "30000-0000abcd",
+                        [("hits", "hits_total", {"a": "x"}, 2.0, 1.0),
+                         ("other", "other_total", {}, 3.0, 1.0)])
+        reader = DirectoryReader(str(tmp_path))
+        for _ in range(2):  # the second read has a plan
+            found = reader.read_text(frozenset({"hits"}), frozenset({"other"}))
+        assert ["hits"] == [m.name for m in found.families]
+        assert 2.0 == found.families[0].samples[0].value
+        assert found.text is not None and "other" not in found.text
+        assert "hits_total{a=\"x\"} 2.0\n" in found.text
+    finally:
+        os.close(fd)
+
+
+def test_render_text_and_gzip_match_the_metric_path(tmp_path: Path, monkeypatch) -> None:
+    """render(): the fast text answer has the directory's families first, as gather's does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from victor_mp_metrics import _exposition, _runtime
+
+    fd = live_owner(tmp_path, "30000-0000abcd")
+    try:
+        write_data_file(tmp_path, "counter", "30000-0000abcd",
+                        [("victor_cache_hits", "victor_cache_hits_total",
+                          {"cache_name": "t"}, 3.0, 1.0),
+                         ("victor_cache_misses", "victor_cache_misses_total",
+                          {"cache_name": "t"}, 1.0, 1.0)])
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        _runtime.reset()
+        _exposition.render({})
+        status, headers, body = _exposition.render({"Accept-Encoding": "gzip"})
+        assert "200 OK" == status
+        assert ("Content-Encoding", "gzip") in headers
+        text = gzip.decompress(body).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert 0.75 == families["victor_cache_hit_rate"].samples[0].value
+        assert text.startswith(_slow(tmp_path).decode())
+        # A name[] filter keeps the Metric path and its answer.
+        _s, _h, only = _exposition.render({}, {"name[]": ["victor_cache_hit_rate"]})
+        assert [b"victor_cache_hit_rate"] == [line.split(b" ")[2] for line in
+                                              only.splitlines() if line.startswith(b"# TYPE")]
+    finally:
+        os.close(fd)
+        _runtime.reset()
