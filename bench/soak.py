@@ -400,13 +400,15 @@ class Server:
     port: int
     directory: Path
     log: Path
+    scrape_port: int = 0  # where scrapers go: the app's port, or the master's metrics port
 
     def logs(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def start_server(workdir: Path, workers: int, max_requests: int) -> Server:
+def start_server(workdir: Path, workers: int, max_requests: int, scrape: str = "app") -> Server:
     port = free_port()
+    metrics_port = free_port() if scrape == "master" else 0
     directory = workdir / "metrics"
     directory.mkdir(mode=0o700)
     os.chmod(directory, 0o700)
@@ -417,6 +419,9 @@ def start_server(workdir: Path, workers: int, max_requests: int) -> Server:
     }
     env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     env["PYTHONPATH"] = str(ROOT)
+    if metrics_port:
+        env["VICTOR_METRICS_PORT"] = str(metrics_port)
+        env["VICTOR_METRICS_ADDR"] = HOST
     cmd = [
         sys.executable,
         "-m",
@@ -441,7 +446,7 @@ def start_server(workdir: Path, workers: int, max_requests: int) -> Server:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return Server(proc, port, directory, log)
+    return Server(proc, port, directory, log, metrics_port)
 
 
 def wait_ready(server: Server, stats: LoadStats) -> None:
@@ -525,6 +530,7 @@ class Options:
     deadline: float
     seed: int
     keep: bool = False
+    scrape: str = "app"  # "master": scrape VICTOR_METRICS_PORT, as Prometheus would
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -536,7 +542,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(opts: Options) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"victor-soak-{opts.name}-"))
-    server = start_server(workdir, opts.workers, opts.max_requests)
+    server = start_server(workdir, opts.workers, opts.max_requests, opts.scrape)
     try:
         result = load_and_check(opts, server)
     finally:
@@ -565,7 +571,7 @@ def load_and_check(opts: Options, server: Server) -> dict[str, Any]:
     threads = [
         threading.Thread(
             target=scraper,
-            args=(i, server.port, scrapes, stop_scrapes, last),
+            args=(i, server.scrape_port or server.port, scrapes, stop_scrapes, last),
             name=f"scraper-{i}",
             daemon=True,
         )
@@ -880,6 +886,9 @@ def main() -> int:
         help="seconds the load may last at most (R1: 60 + requests / 20; R2: duration + 60)",
     )
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--scrape", choices=("app", "master"), default="app",
+                        help="scrape the app's /metrics (a worker answers) or the master's "
+                        "VICTOR_METRICS_PORT (app)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary last")
     parser.add_argument("--keep", action="store_true", help="keep the Gunicorn log (path shown)")
     args = parser.parse_args()
@@ -901,6 +910,7 @@ def main() -> int:
             deadline=args.deadline or default_deadline,
             seed=args.seed,
             keep=args.keep,
+            scrape=args.scrape,
         )
         try:
             result = run(opts)
