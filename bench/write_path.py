@@ -216,7 +216,6 @@ def ours_ops() -> dict[str, Callable[[], object]]:
     from victor_mp_metrics.catalog import MS_BUCKETS as CATALOG_MS_BUCKETS
     from victor_mp_metrics.catalog import get_catalog
     from victor_mp_metrics.collector import MetricsCollector
-    from victor_mp_metrics.flask_ext import _ENDPOINT_KEY, _Tracked
     from victor_mp_metrics.instrument import (
         record_cache_hit,
         record_request,
@@ -225,6 +224,7 @@ def ours_ops() -> dict[str, Callable[[], object]]:
         track_tool,
     )
     from victor_mp_metrics.registry import get_prometheus_registry
+    from victor_mp_metrics.wsgi import RequestTracker
 
     assert CATALOG_MS_BUCKETS == MS_BUCKETS, "keep the stock side's buckets equal to ours"
     _runtime.configure()
@@ -264,12 +264,10 @@ def ours_ops() -> dict[str, Callable[[], object]]:
         with track_coordinator("ToolCoordinator"):
             pass
 
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/chat", _ENDPOINT_KEY: "/chat"}
-
     def chat() -> None:
         # What the reference app does for POST /chat with two tools and a cached selection:
-        # the Flask extension's tracker around app/coordinator.py and app/llm.py.
-        request = _Tracked(environ)
+        # the request tracker (Flask, WSGI, ASGI) around app/coordinator.py and app/llm.py.
+        request = RequestTracker("POST")
         request.begin()
         with track_coordinator("ToolCoordinator"):
             record_cache_hit("tool_selection")
@@ -279,7 +277,7 @@ def ours_ops() -> dict[str, Callable[[], object]]:
                 pass
         with track_llm_call("anthropic", "claude-sonnet-4-5") as call:
             call.record_tokens(prompt=12, completion=30)
-        request.answered(200)  # the app hands its status to the server: counted
+        request.answered("/chat", 200)  # the app hands its status to the server: counted
         request.end()  # the response is closed: in-flight gauge down, latency observed
 
     return {
