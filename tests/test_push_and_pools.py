@@ -7,7 +7,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests._dirs import live_owner, write_data_file
-from tests._gunicorn import ROOT, free_port, request, wait_ready
+from tests._gunicorn import ROOT, free_port, request, stop, wait_ready
 from tests._tools import require_tool
 from victor_mp_metrics.cli import main
 from victor_mp_metrics.exceptions import ConfigurationError, DirectoryError
@@ -174,22 +173,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
                    log_path.read_text, timeout=30)
         yield Gateway(url)
     finally:
-        _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, then SIGKILL to the whole process group (pool workers included)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(5)
+        stop(proc, timeout=10)
 
 
 def new_job() -> str:
@@ -219,7 +203,7 @@ def run_bounded(argv: list[str], env: Mapping[str, str], timeout: float = JOB_TI
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        _stop_group(proc)
+        stop(proc, timeout=10)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
