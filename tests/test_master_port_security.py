@@ -51,16 +51,19 @@ def test_idle_connections_cost_the_master_neither_threads_nor_its_life(tmp_path:
             assert time.monotonic() - started < 5.0
             assert master.num_threads() < threads_before + 10  # not one per connection
             assert len(master.net_connections()) < 100
-            deadline = time.monotonic() + 15.0
+            deadline = time.monotonic() + 30.0
             closed = 0
             for sock in idle:
                 sock.settimeout(max(0.1, deadline - time.monotonic()))
                 try:
                     closed += sock.recv(1) == b""
-                except (ConnectionResetError, TimeoutError):
+                except ConnectionResetError:
                     closed += 1
+                except TimeoutError:
+                    pass  # still open: counted as not closed
             assert 300 == closed
-            assert time.monotonic() - started < 15.0  # header timeout 5 s, loaded CI
+            # header timeout 5 s; the bound leaves room for a loaded 2-core CI machine
+            assert time.monotonic() - started < 30.0
             assert 200 == server.get("/healthz").status
         finally:
             for sock in idle:
