@@ -59,15 +59,16 @@ from ._format import (
     encode_file,
     encode_key,
     iter_entries,
-    iter_exemplars,
     parse_key,
 )
 from ._fs import (
     OPEN_FLAGS,
     Unreadable,
+    flock_within,
     is_stale_temp,
     quarantine,
     read_data,
+    read_exemplars,
     unlink_quietly,
     write_file,
 )
@@ -140,16 +141,10 @@ class _DirectoryLock:
     def __enter__(self) -> bool:
         """True when the lock is held; False when someone else held it past the wait."""
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | OPEN_FLAGS, 0o600)
-        deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                _State.lock_fd = self.fd
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.01)
+        if not flock_within(self.fd, fcntl.LOCK_EX, self.wait):
+            return False
+        _State.lock_fd = self.fd
+        return True
 
     def __exit__(self, *exc: object) -> None:
         _State.lock_fd = -1
@@ -259,7 +254,7 @@ def _absorb(
         try:
             data, _stat = read_data(directory, name)
             entries = []
-            for raw, value, timestamp, _pos in _iter(data):
+            for raw, value, timestamp, _pos in iter_entries(data, len(data)):
                 key = raw.decode("utf-8")
                 if key not in parsed:
                     parsed[key] = parse_key(raw)
@@ -323,21 +318,12 @@ def _archive_exemplars(
     sources = [archive_exemplars_name(old)] + [
         n for n in names if n.endswith(EXEMPLARS_SUFFIX) and writer_ident(n) in dead]
     for name in sources:
-        try:
-            data, _stat = read_data(directory, name)
-            found = list(iter_exemplars(data, len(data)))
-        except (FileNotFoundError, Unreadable, CorruptFile):
-            continue
-        for key, labels, value, timestamp in found:
+        for key, labels, value, timestamp in read_exemplars(directory, name):
             if labels and (key not in newest or newest[key][2] < timestamp):
                 newest[key] = (labels, value, timestamp)
     if newest:
         body, size = encode_exemplar_file([(k, *v) for k, v in sorted(newest.items())])
         write_file(os.path.join(directory, archive_exemplars_name(new)), body, size)
-
-
-def _iter(data: bytes) -> list[tuple[bytes, float, float, int]]:
-    return list(iter_entries(data, len(data)))
 
 
 def _cap_series(

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from ..exceptions import DirectoryError, UnsafeDirectoryError
-from ._format import CorruptFile, used_size
+from ._format import CorruptFile, iter_exemplars, used_size
 from ._names import QUARANTINE, TMP_SUFFIX
 
 OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -121,6 +122,16 @@ def read_data(directory: str, name: str) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
+def read_exemplars(directory: str, name: str) -> list[tuple[bytes, bytes, float, float]]:
+    """The (key, labels JSON, value, timestamp) entries of exemplar file ``name``; none when
+    it is missing or unreadable: exemplars are best effort, never a reason to fail."""
+    try:
+        data, _info = read_data(directory, name)
+        return list(iter_exemplars(data, len(data)))
+    except (FileNotFoundError, Unreadable, CorruptFile):
+        return []
+
+
 def read_small(directory: str, name: str, limit: int = 1 << 20) -> bytes | None:
     """A small regular file of ours (the manifest), or None when it does not exist."""
     try:
@@ -177,6 +188,21 @@ def write_file(path: str, data: bytes, size: int = 0, *, durable: bool = True) -
             os.ftruncate(fd, size)
 
     create_atomically(path, fill, durable=durable)
+
+
+def flock_within(fd: int, operation: int, wait: float) -> bool:
+    """Take ``flock(fd, operation)`` (``LOCK_SH`` or ``LOCK_EX``), waiting at most ``wait``
+    seconds; False when someone else held it all that time. Never blocks past ``wait``:
+    a stuck holder delays the caller, never hangs it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
 
 def fsync_dir(directory: str) -> None:

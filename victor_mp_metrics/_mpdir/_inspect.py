@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ._format import CorruptFile, iter_entries, parse_key
-from ._fs import OPEN_FLAGS, Unreadable, check_regular, is_stale_temp, read_data
+from ._fs import OPEN_FLAGS, Unreadable, check_regular, flock_within, is_stale_temp, read_data
 from ._liveness import writer_liveness
 from ._manifest import Manifest, read_manifest
 from ._names import COMPACT_LOCK, QUARANTINE, TMP_SUFFIX, parse_name, writer_ident
@@ -101,15 +100,8 @@ def _compactions_held(directory: str, timeout: float = 2.0) -> Iterator[None]:
                      os.O_RDONLY | os.O_NONBLOCK | OPEN_FLAGS)
     except OSError:
         fd = -1
-    deadline = time.monotonic() + timeout
-    while fd >= 0:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                break  # a long compaction: inspect anyway
-            time.sleep(0.01)
+    if fd >= 0:
+        flock_within(fd, fcntl.LOCK_SH, timeout)  # a long compaction: inspect anyway
     try:
         yield
     finally:

@@ -51,10 +51,18 @@ from ._format import (
     CorruptFile,
     Key,
     iter_entries,
-    iter_exemplars,
     parse_key,
 )
-from ._fs import OPEN_FLAGS, Unreadable, open_regular, quarantine, read_data, read_used
+from ._fs import (
+    OPEN_FLAGS,
+    Unreadable,
+    flock_within,
+    open_regular,
+    quarantine,
+    read_data,
+    read_exemplars,
+    read_used,
+)
 from ._liveness import writer_alive
 from ._manifest import Manifest, read_manifest
 from ._names import (
@@ -195,18 +203,11 @@ class DirectoryReader:
                 "victor_mp_metrics rewriting it?"
             ) from None
         try:
-            deadline = time.monotonic() + _LOCKED_READ_WAIT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"a compaction of {self.directory} held {COMPACT_LOCK} for more "
-                            f"than {_LOCKED_READ_WAIT:.0f} s"
-                        ) from None
-                    time.sleep(0.005)
+            if not flock_within(fd, fcntl.LOCK_SH, _LOCKED_READ_WAIT):
+                raise RuntimeError(
+                    f"a compaction of {self.directory} held {COMPACT_LOCK} for more than "
+                    f"{_LOCKED_READ_WAIT:.0f} s"
+                )
             try:
                 return self._snapshot(report, sources)
             except _Retry:
@@ -267,12 +268,7 @@ class DirectoryReader:
 
     def _read_exemplars(self, name: str, families: dict[str, Family]) -> None:
         """Attach the exemplars of file ``name`` (newest wins) to the families' samples."""
-        try:
-            data, _stat = read_data(self.directory, name)
-            found = list(iter_exemplars(data, len(data)))
-        except (FileNotFoundError, Unreadable, CorruptFile):
-            return  # exemplars are best effort: never a reason to fail a scrape
-        for raw, labels, value, timestamp in found:
+        for raw, labels, value, timestamp in read_exemplars(self.directory, name):
             if not labels:
                 continue
             try:
