@@ -251,6 +251,31 @@ def track_request_in_flight() -> InFlight:
     return InFlight()
 
 
+class _RequestChildren:
+    """The catalog children of one (endpoint, method): looked up once, then reused."""
+
+    __slots__ = ("duration", "requests")
+
+    def __init__(self, catalog: Any, endpoint: str, method: str) -> None:
+        self.requests = catalog.requests_total.labels(endpoint, method)
+        self.duration = catalog.request_duration_ms.labels(endpoint, method)
+
+
+_children: dict[tuple[str, str], _RequestChildren] = {}
+_children_of: list[Any] = [None]  # the catalog the cached children belong to
+
+
+def _request_children(endpoint: str, method: str) -> _RequestChildren:
+    catalog = get_catalog()
+    if _children_of[0] is not catalog:  # reset() or first use: children of another catalog
+        _children.clear()
+        _children_of[0] = catalog
+    found = _children.get((endpoint, method))
+    if found is None:  # bounded in practice: route templates x a fixed set of methods
+        found = _children[(endpoint, method)] = _RequestChildren(catalog, endpoint, method)
+    return found
+
+
 def record_request(
     endpoint: str,
     method: str,
@@ -266,22 +291,22 @@ def record_request(
     :func:`error_type_for_status`; an ``error_type`` given with a success status counts
     an error too.
     """
-    catalog = get_catalog()
-    catalog.requests_total.labels(endpoint, method).inc()
+    children = _request_children(endpoint, method)
+    children.requests.inc()
     if duration_ms is not None:
-        catalog.request_duration_ms.labels(endpoint, method).observe(duration_ms)
+        children.duration.observe(duration_ms)
     if error_type is None:
         error_type = error_type_for_status(status)
         if error_type is None:
             return
-    catalog.request_errors_total.labels(endpoint, method, error_type).inc()
+    get_catalog().request_errors_total.labels(endpoint, method, error_type).inc()
 
 
 def observe_request_duration(endpoint: str, method: str, duration_ms: float,
                              exemplar: dict[str, str] | None = None) -> None:
     """Observe a request's duration in ``victor_request_duration_ms`` (with an exemplar,
     e.g. ``{"trace_id": ...}``, when given)."""
-    get_catalog().request_duration_ms.labels(endpoint, method).observe(duration_ms, exemplar)
+    _request_children(endpoint, method).duration.observe(duration_ms, exemplar)
 
 
 def record_cache_hit(cache_name: str, count: int = 1) -> None:

@@ -57,31 +57,6 @@ def set_error_type(environ: MutableMapping[str, Any], error_type: str) -> None:
     environ[ERROR_TYPE_KEY] = error_type
 
 
-class _Route:
-    """The catalog children of one (endpoint, method): looked up once, then reused."""
-
-    __slots__ = ("duration", "requests")
-
-    def __init__(self, catalog: Any, endpoint: str, method: str) -> None:
-        self.requests = catalog.requests_total.labels(endpoint, method)
-        self.duration = catalog.request_duration_ms.labels(endpoint, method)
-
-
-_routes: dict[tuple[str, str], _Route] = {}
-_routes_of: list[Any] = [None]  # the catalog the cached children belong to
-
-
-def _route(endpoint: str, method: str) -> _Route:
-    catalog = get_catalog()
-    if _routes_of[0] is not catalog:  # reset() or first use: children of another catalog
-        _routes.clear()
-        _routes_of[0] = catalog
-    found = _routes.get((endpoint, method))
-    if found is None:  # bounded: endpoints are route templates, methods a fixed set
-        found = _routes[(endpoint, method)] = _Route(catalog, endpoint, method)
-    return found
-
-
 class RequestTracker:
     """One request: in flight from :meth:`begin`, counted once by :meth:`answered`, timed
     until :meth:`end` (idempotent). Recording errors are logged, never raised.
@@ -90,12 +65,11 @@ class RequestTracker:
     request's duration, and of the LLM and tool durations observed while it runs.
     """
 
-    __slots__ = ("done", "endpoint", "exemplar", "method", "route", "started")
+    __slots__ = ("done", "endpoint", "exemplar", "method", "started")
 
     def __init__(self, method: str, traceparent: str | None = None) -> None:
         self.method = method if method in STANDARD_METHODS else OTHER_METHOD
         self.endpoint: str | None = None
-        self.route: _Route | None = None
         self.done = False
         self.started = 0.0
         self.exemplar = instrument.trace_exemplar(traceparent) if traceparent else None
@@ -116,12 +90,8 @@ class RequestTracker:
             return
         self.endpoint = endpoint
         try:
-            route = self.route = _route(endpoint, self.method)
-            route.requests.inc()
-            if status >= 400:
-                error_type = error_type or instrument.error_type_for_status(status)
-                get_catalog().request_errors_total.labels(endpoint, self.method,
-                                                          error_type).inc()
+            instrument.record_request(endpoint, self.method, status, None,
+                                      error_type if status >= 400 else None)
         except Exception:
             log.exception("victor_mp_metrics: could not record request metrics")
 
@@ -131,8 +101,9 @@ class RequestTracker:
         self.done = True
         elapsed_ms = (time.perf_counter() - self.started) * 1000.0
         try:
-            if self.route is not None:  # timed before it leaves the in-flight gauge
-                self.route.duration.observe(elapsed_ms, self.exemplar)
+            if self.endpoint is not None:  # timed before it leaves the in-flight gauge
+                instrument.observe_request_duration(self.endpoint, self.method, elapsed_ms,
+                                                    self.exemplar)
             get_catalog().active_connections.dec()
         except Exception:
             log.exception("victor_mp_metrics: could not record request metrics")
