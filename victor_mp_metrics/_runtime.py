@@ -265,15 +265,21 @@ def own_idents() -> frozenset[str]:
     return frozenset({store.ident}) if store is not None and store.ident else frozenset()
 
 
+def stop_threads() -> None:
+    """Stop the master's compactor and metrics server, if running, and forget them."""
+    rt = RUNTIME
+    for attr in ("compactor", "server"):
+        running = getattr(rt, attr)
+        setattr(rt, attr, None)
+        if running is not None:
+            running.stop()
+
+
 def reset() -> None:
     """Forget settings, metrics, threads and open files: back to the state after import."""
     rt = RUNTIME
     with rt.lock:
-        for attr in ("compactor", "server"):
-            running = getattr(rt, attr)
-            setattr(rt, attr, None)
-            if running is not None:
-                running.stop()
+        stop_threads()
         _close_store(rt)
         _compat.set_value_class(None)
         _compat.restore_patches()

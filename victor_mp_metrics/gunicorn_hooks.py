@@ -297,12 +297,7 @@ def child_exit(server: Any, worker: Any) -> None:
 @_never_raise
 def on_exit(server: Any) -> None:
     """Stop the compactor and the metrics server; compact the last workers' files."""
-    rt = _runtime.RUNTIME
-    for attr in ("compactor", "server"):
-        running = getattr(rt, attr)
-        setattr(rt, attr, None)
-        if running is not None:
-            running.stop()
+    _runtime.stop_threads()
     settings = _runtime.get_settings()
     if settings.multiprocess:
         assert settings.multiproc_dir is not None
