@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
+
+
+def _missing(message: str) -> NoReturn:
+    """Fail when ``CI`` is set (CI must not pass by skipping what it was meant to run: it
+    installs every tool and the test extra), skip otherwise."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}. CI is set, so a missing tool or package is an error.",
+                    pytrace=False)
+    pytest.skip(message)
+
+
+def require_module(name: str, install_hint: str) -> ModuleType:
+    """Import module ``name``; when it is missing, fail under CI and skip elsewhere."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        _missing(f"{name!r} is not installed ({install_hint})")
 
 
 def require_tool(name: str, install_hint: str | None = None) -> str:
@@ -22,6 +42,4 @@ def require_tool(name: str, install_hint: str | None = None) -> str:
     message = f"{name!r} is not on PATH; install it"
     message += f" ({install_hint})" if install_hint else ""
     message += " or add its directory to PATH"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message}. CI is set, so a missing tool is an error.", pytrace=False)
-    pytest.skip(message)
+    _missing(message)

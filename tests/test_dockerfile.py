@@ -10,7 +10,6 @@ import os
 import posixpath
 import re
 import shlex
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +18,13 @@ import pytest
 
 from victor_mp_metrics.settings import SETTINGS, load_deployment_settings, load_settings
 
+from ._tools import require_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 METRICS_DIR = "/run/victor-metrics"
 GUNICORN_CMD = ["gunicorn", "-c", "gunicorn.conf.py", "app:app"]
-
-
-def _require_tool(name: str) -> str:
-    """Return the path of executable ``name``; fail under CI, else skip, when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not on PATH; install it with: pip install -e '.[test]'"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @dataclass(frozen=True)
@@ -125,7 +115,7 @@ def instructions() -> list[Instruction]:
 
 def test_hadolint_reports_no_findings() -> None:
     """hadolint exits 0 and reports nothing, style-level findings included."""
-    hadolint = _require_tool("hadolint")
+    hadolint = require_tool("hadolint", "pip install -e '.[test]'")
     # HADOLINT_* variables (ignore lists, thresholds) from the caller must not mask findings.
     env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
     proc = subprocess.run(

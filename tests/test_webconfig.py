@@ -33,21 +33,12 @@ from victor_mp_metrics import _webconfig
 from victor_mp_metrics._httpserver import ServerHandle, serve
 from victor_mp_metrics._webconfig import WebConfig, WebConfigError, load_web_config
 
+from ._tools import require_tool
+
 USER = "prometheus"
 PASSWORD = "s3cret-scrape"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
 BODY = b"# TYPE victor_webconfig_test gauge\nvictor_webconfig_test 1\n"
-
-
-def tool(name: str, path: str | None = None) -> str:
-    """Path of a tool; fail when CI is set and it is missing, else skip."""
-    found = path if path and os.access(path, os.X_OK) else shutil.which(name)
-    if found is None:
-        message = f"{path or name} is not installed"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}. CI is set, so a missing tool is an error.", pytrace=False)
-        pytest.skip(message)
-    return found
 
 
 @dataclass(frozen=True)
@@ -65,8 +56,8 @@ class Pki:
 
 
 def _openssl(directory: Path, *args: str) -> None:
-    subprocess.run([tool("openssl"), *args], cwd=directory, check=True, capture_output=True,
-                   timeout=60)
+    openssl = require_tool("openssl", "apt-get install openssl")
+    subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True, timeout=60)
 
 
 def _make_ca(directory: Path, name: str) -> None:
@@ -483,7 +474,7 @@ def test_prometheus_scrapes_over_mutual_tls_with_basic_auth(
     tmp_path: Path, pki: Pki, start: Callable[..., ServerHandle]
 ) -> None:
     """A real Prometheus with tls_config and basic_auth reports the target up."""
-    binary = tool("prometheus", "/usr/bin/prometheus")
+    binary = require_tool("prometheus", "apt-get install prometheus")
     config = load_web_config(write_config(tmp_path, mtls_config(pki)))
     handle = start(**config.server_options())
     prom_config = write_config(tmp_path, {

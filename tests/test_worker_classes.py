@@ -9,7 +9,6 @@ clear line.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from gunicorn import __version__ as GUNICORN_VERSION
 from gunicorn.workers import SUPPORTED_WORKERS
 
 from ._gunicorn import ROOT, Gunicorn, gunicorn, parse_samples, total
+from ._tools import require_module
 
 pytestmark = pytest.mark.gunicorn
 
@@ -43,12 +43,7 @@ def require_worker(worker_class: str) -> None:
     if "." not in worker_class and worker_class not in SUPPORTED_WORKERS:
         pytest.skip(f"Gunicorn {GUNICORN_VERSION} has no {worker_class} worker")
     module, extra = NEEDS.get(worker_class, ("gunicorn", ""))
-    if importlib.util.find_spec(module) is not None:
-        return
-    message = f"{worker_class} needs {module!r}: pip install 'victor-mp-metrics[{extra}]'"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message}. CI is set, so a missing package is an error.", pytrace=False)
-    pytest.skip(message)
+    require_module(module, f"{worker_class} needs it: pip install 'victor-mp-metrics[{extra}]'")
 
 
 def scrape(server: Gunicorn) -> dict[str, float]:

@@ -5,9 +5,7 @@ FastAPI. Same metrics and rules as the Flask extension: route templates, ``<unma
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,16 +17,14 @@ from victor_mp_metrics import gather
 from victor_mp_metrics.wsgi import MetricsMiddleware, set_endpoint
 
 from ._dirs import samples
+from ._tools import require_module
 
 Labels = tuple[tuple[str, str], ...]
 
 
 def need(module: str) -> Any:
-    """Import ``module`` (a package of the test extra): skip without it, or fail when CI is
-    set, since CI installs the test extra."""
-    if os.environ.get("CI"):
-        return importlib.import_module(module)
-    return pytest.importorskip(module, reason=f"{module} comes with the test extra")
+    """Import ``module``, a package of the test extra (see ``_tools.require_module``)."""
+    return require_module(module, "it comes with the test extra: pip install -e '.[test]'")
 
 
 def _values() -> dict[tuple[str, Labels], float]:
