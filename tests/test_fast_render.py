@@ -167,3 +167,54 @@ def test_render_text_and_gzip_match_the_metric_path(tmp_path: Path, monkeypatch)
     finally:
         os.close(fd)
         _runtime.reset()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=_directories(), first=st.integers(1, 3))
+def test_writers_added_to_a_planned_directory_print_the_same_bytes(tmp_path_factory, spec,
+                                                                   first):
+    """Writers appearing after the plan was built (a new worker): whether the plan is
+    extended or rebuilt, every scrape equals generate_latest of read()."""
+    directory = tmp_path_factory.mktemp("d")
+    writers, files = spec
+    fds = [live_owner(directory, f"{20000 + w}-{w:08x}") for w in range(writers)]
+    try:
+        early = [f for f in files if int(f[1][:5]) - 20000 < first]
+        for kind, ident, entries in early:
+            write_data_file(directory, kind, ident, entries)
+        reader = DirectoryReader(str(directory))
+        assert _slow(directory) == _fast(reader)
+        for kind, ident, entries in files:
+            if (kind, ident, entries) not in early:
+                write_data_file(directory, kind, ident, entries)
+        found = reader.read_text(frozenset(), frozenset())
+        expected = _slow(directory)
+        if found.text is not None:
+            assert expected == found.text.encode("utf-8")
+        assert expected == _fast(reader)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_new_writer_with_known_samples_is_printed_fast_at_once(tmp_path: Path) -> None:
+    """A new worker's file whose samples the plan has extends the plan: its first scrape
+    takes the fast path; a new label set builds the plan again (slow once, then fast)."""
+    fds = [live_owner(tmp_path, f"{30000 + w}-{w:08x}") for w in range(3)]
+    try:
+        write_data_file(tmp_path, "counter", "30000-00000000",
+                        [("c", "c_total", {"a": "x"}, 2.0, 1.0)])
+        reader = DirectoryReader(str(tmp_path))
+        _fast(reader)
+        write_data_file(tmp_path, "counter", "30001-00000001",
+                        [("c", "c_total", {"a": "x"}, 3.0, 2.0)])
+        found = reader.read_text(frozenset(), frozenset())
+        assert found.text is not None and 'c_total{a="x"} 5.0' in found.text
+        write_data_file(tmp_path, "counter", "30002-00000002",
+                        [("c", "c_total", {"a": "y"}, 4.0, 3.0)])
+        assert reader.read_text(frozenset(), frozenset()).text is None
+        assert _slow(tmp_path) == _fast(reader)
+    finally:
+        for fd in fds:
+            os.close(fd)

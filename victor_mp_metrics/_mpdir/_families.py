@@ -59,11 +59,14 @@ class Family:
         new.exemplars = dict(self.exemplars)
         return new
 
-    def add(self, key: Key, value: float, timestamp: float, ident: str) -> SampleKey:
-        labels = key.labels
+    def sample_key(self, key: Key, ident: str) -> SampleKey:
+        """The sample ``key`` of writer ``ident`` adds to (``all`` modes add a pid label)."""
         if self.mode in ("all", "liveall"):
-            labels = (*labels, ("pid", ident))
-        sk = (key.sample, labels)
+            return (key.sample, (*key.labels, ("pid", ident)))
+        return (key.sample, key.labels)
+
+    def add(self, key: Key, value: float, timestamp: float, ident: str) -> SampleKey:
+        sk = self.sample_key(key, ident)
         if key.le is not None and self.typ == "histogram":
             self.buckets[sk] = (key.without_le, key.le)
         merge(self.values, sk, value, timestamp, self.rule)

@@ -6,6 +6,9 @@ each family, its samples and their order, and gives every sample of a summing fa
 (counters, histograms, summaries, ``sum``/``all`` gauges and their ``live`` kinds) a
 slot in one flat array. Each line's text up to its value is printed once, by
 prometheus_client's ``generate_latest`` itself, so names, escaping and order are its.
+When writer files appear or grow with samples the plan already has (a new worker, a
+worker's first requests), the plan is extended by their sources alone; a new sample, a
+new family or a new archive generation builds it again.
 
 A scrape then unpacks each file's values with one precompiled ``struct.Struct``, adds
 them into the array in the files' order (the same additions as ``merge``, so the same
@@ -143,10 +146,15 @@ class _Source:
 
 
 class _Plan:
-    __slots__ = ("base", "items", "metrics", "sources", "statics")
+    __slots__ = ("base", "by_layout", "items", "kinds", "metrics", "slot_of", "sources",
+                 "statics")
 
     def __init__(self) -> None:
         self.base: list[float] = []
+        self.kinds: dict[str, Family] = {}  # every family, without values
+        self.slot_of: dict[tuple[str, SampleKey], int] = {}
+        # layout serial -> (entries when its source was made, the source)
+        self.by_layout: dict[int, tuple[int, _Source]] = {}
         # (family name, Metric name, fast family or None for a dynamic one)
         self.items: list[tuple[str, str, _Fast | None]] = []
         self.sources: list[_Source] = []
@@ -159,7 +167,7 @@ class TextPlanner:
 
     def __init__(self, family_of: FamilyOf) -> None:
         self._family_of = family_of
-        self._signature: tuple[object, ...] | None = None
+        self._signature: tuple[object, ...] = ()
         self._pending: tuple[object, ...] | None = None
         self._plan: _Plan | None = None
 
@@ -178,11 +186,15 @@ class TextPlanner:
                        for info, _data, layout in sources))
         plan = self._plan
         if plan is None or signature != self._signature:
-            if signature != self._pending:
+            if plan is not None and signature[:2] == self._signature[:2] and \
+                    self._extend(plan, snapshot):
+                self._signature = signature
+            elif signature != self._pending:
                 self._pending = signature
                 return None
-            plan = self._plan = self._build(snapshot)
-            self._signature = signature
+            else:
+                plan = self._plan = self._build(snapshot)
+                self._signature = signature
         if tombstones.by_metric and not plan.metrics.isdisjoint(tombstones.by_metric):
             return None
         acc = plan.base.copy()
@@ -235,7 +247,9 @@ class TextPlanner:
                 plan.items.append((name, name, None))
             else:
                 plan.items.append(fast)
-        for keys in entry_keys:
+        plan.kinds = {name: family.empty() for name, family in families.items()}
+        plan.slot_of = slot_of
+        for keys, (_info, _data, layout) in zip(entry_keys, snapshot.sources, strict=True):
             positions: list[int] = []
             slots: list[int] = []
             dynamic: list[tuple[Key, int]] = []
@@ -246,8 +260,48 @@ class TextPlanner:
                 else:
                     positions.append(pos)
                     slots.append(slot)
-            plan.sources.append(_Source(positions, slots, dynamic))
+            source = _Source(positions, slots, dynamic)
+            plan.sources.append(source)
+            plan.by_layout[layout.serial] = (len(layout.entries), source)
         return plan
+
+    @staticmethod
+    def _extend(plan: _Plan, snapshot: Snapshot) -> bool:
+        """Point ``plan`` at ``snapshot``'s sources when no source is gone (a gone one may
+        have been the only one with a sample) and every entry of a new or grown writer
+        file is a sample the plan has, of a family of the same kind (what a rebuild would
+        find); False, leaving the plan as it was, otherwise."""
+        if not plan.by_layout.keys() <= {layout.serial for _i, _d, layout in snapshot.sources}:
+            return False
+        by_layout: dict[int, tuple[int, _Source]] = {}
+        metrics: set[str] = set()
+        for info, _data, layout in snapshot.sources:
+            known = plan.by_layout.get(layout.serial)
+            if known is not None and known[0] == len(layout.entries):
+                by_layout[layout.serial] = known
+                continue
+            typ = Family(info.typ, "", info.mode).typ
+            positions: list[int] = []
+            slots: list[int] = []
+            dynamic: list[tuple[Key, int]] = []
+            for key, pos in layout.entries:
+                family = plan.kinds.get(key.metric)
+                if family is None or family.mode != info.mode or family.typ != typ:
+                    return False
+                metrics.add(key.metric)
+                if key.metric in plan.statics:  # printed from its Family on every scrape
+                    dynamic.append((key, pos))
+                    continue
+                slot = plan.slot_of.get((key.metric, family.sample_key(key, info.ident)))
+                if slot is None:  # a new sample: it needs a line of its own
+                    return False
+                positions.append(pos)
+                slots.append(slot)
+            by_layout[layout.serial] = (len(layout.entries), _Source(positions, slots, dynamic))
+        plan.by_layout = by_layout
+        plan.sources = [by_layout[layout.serial][1] for _info, _data, layout in snapshot.sources]
+        plan.metrics |= metrics
+        return True
 
     @staticmethod
     def _fast(
