@@ -131,6 +131,7 @@ def gunicorn(
     directory: Path | bool | None = True,
     app: str = "app:app",
     ready_path: str = "/healthz",
+    config: Path = ROOT / "gunicorn.conf.py",
 ) -> Iterator[Gunicorn]:
     """Run ``gunicorn -c gunicorn.conf.py app:app`` on a free loopback port; always stopped."""
     port = free_port()
@@ -146,7 +147,7 @@ def gunicorn(
     environment.update(env or {})
     environment["PYTHONPATH"] = str(ROOT)
     log = tmp_path / f"gunicorn-{port}.log"
-    cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(config),
            "-b", f"127.0.0.1:{port}", "-w", str(workers), *(args or []), app]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=environment, stdout=out,

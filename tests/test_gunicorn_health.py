@@ -142,6 +142,52 @@ def test_a_worker_exiting_non_zero_is_counted_as_crashed(tmp_path: Path) -> None
     assert {**dict.fromkeys(REASONS, 0), "crashed": 1} == exits(s)
 
 
+_LINGERING_CONFIG = """
+import os, pathlib, time
+exec(compile(open({conf!r}).read(), {conf!r}, "exec"))
+_victor_post_fork = post_fork
+
+
+def post_fork(server, worker):
+    _victor_post_fork(server, worker)
+    marker = pathlib.Path(os.environ["LINGER_MARKER"])
+    if marker.exists():  # the test asks the next worker to linger before its handlers
+        pathlib.Path(str(marker) + ".booting").write_text(str(os.getpid()))
+        time.sleep(1.0)
+"""
+
+
+def test_a_worker_booting_when_the_master_is_told_to_stop_does_not_hold_it_up(
+        tmp_path: Path) -> None:
+    """SIGTERM reaches a worker still booting, before it has its own signal handlers
+    (Gunicorn's own race): the worker leaves as soon as it has them, and the master exits
+    in seconds, not at --graceful-timeout."""
+    config = tmp_path / "lingering.conf.py"
+    config.write_text(_LINGERING_CONFIG.format(conf=str(ROOT / "gunicorn.conf.py")))
+    marker = tmp_path / "linger"
+    env = {"LINGER_MARKER": str(marker)}
+    with gunicorn(tmp_path, workers=1, env=env, config=config,
+                  args=["--graceful-timeout", "20"]) as server:
+        (first,) = server.wait_workers(1)
+        marker.write_text("")
+        os.kill(first, signal.SIGKILL)
+        booting = Path(str(marker) + ".booting")
+        deadline = time.monotonic() + 10
+        while not booting.exists():
+            assert time.monotonic() < deadline, server.logs()
+            time.sleep(0.01)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - started
+        log = server.logs()
+    assert took < 8.0, log
+    assert "the master is shutting down; worker" in log
+
+
 def test_reload_scale_and_shutdown_reasons_and_signals(tmp_path: Path) -> None:
     """HUP replaces 2 workers (reload), TTIN/TTOU scale, TERM stops 2 (shutdown); all kept."""
     port, env = master_port_env()

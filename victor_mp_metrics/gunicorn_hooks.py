@@ -33,6 +33,8 @@ import functools
 import importlib.util
 import logging
 import os
+import queue
+import signal
 import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -265,8 +267,45 @@ def _watch_server(server: Any) -> None:
 
 @_never_raise
 def post_fork(server: Any, worker: Any) -> None:
-    """In the new worker: nothing left to do (the runtime's after-fork handler closed the
-    master's metrics socket and forgot its compactor); kept for existing configs."""
+    """In the new worker: make it leave at once if the master is shutting down.
+
+    A Gunicorn race: a worker forked while the master has a SIGTERM queued, or sent one
+    before it installs its own handlers, has the signal swallowed by the master's handler
+    it inherited (into its copy of the master's queue) and serves on until the master
+    kills it at ``graceful_timeout`` (30 s of a stuck shutdown). Once its handlers are in
+    place, the worker looks in that queue and stops if a shutdown signal is there.
+    (The runtime's after-fork handler did the rest: the master's metrics socket closed,
+    its compactor forgotten.)"""
+    init_signals = worker.init_signals
+
+    def init_signals_then_check() -> None:
+        init_signals()
+        if _shutdown_queued(server):
+            log.info("victor_mp_metrics: the master is shutting down; worker %d leaves",
+                     os.getpid())
+            worker.alive = False
+
+    worker.init_signals = init_signals_then_check
+
+
+_SHUTDOWN = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
+
+
+def _shutdown_queued(server: Any) -> bool:
+    """Whether this (forked) process's copy of the arbiter's signal queue holds a shutdown:
+    a list up to Gunicorn 25, a ``queue.SimpleQueue`` since."""
+    queued = getattr(server, "SIG_QUEUE", None)
+    if isinstance(queued, list):
+        return not _SHUTDOWN.isdisjoint(queued)
+    found = False
+    get = getattr(queued, "get_nowait", None)
+    while get is not None:
+        try:
+            sig = get()
+        except queue.Empty:  # drained: the worker never reads this copy
+            break
+        found = found or sig in _SHUTDOWN
+    return found
 
 
 @_never_raise
