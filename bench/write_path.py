@@ -217,6 +217,7 @@ def ours_ops() -> dict[str, Callable[[], object]]:
     from victor_mp_metrics.catalog import get_catalog
     from victor_mp_metrics.collector import MetricsCollector
     from victor_mp_metrics.instrument import (
+        RequestTracker,
         record_cache_hit,
         record_request,
         track_coordinator,
@@ -224,7 +225,6 @@ def ours_ops() -> dict[str, Callable[[], object]]:
         track_tool,
     )
     from victor_mp_metrics.registry import get_prometheus_registry
-    from victor_mp_metrics.wsgi import RequestTracker
 
     assert CATALOG_MS_BUCKETS == MS_BUCKETS, "keep the stock side's buckets equal to ours"
     _runtime.configure()

@@ -33,6 +33,10 @@ def _app(**config) -> Flask:
         set_error_type("upstream_timeout")
         abort(504)
 
+    @app.get("/exit/<int:code>")
+    def exits(code: int) -> str:
+        raise SystemExit(code)  # what Gunicorn's timeout raises in a sync worker
+
     @app.get("/stream")
     def stream() -> Response:
         def chunks():
@@ -129,3 +133,25 @@ def test_scrape_route_can_be_left_out():
     """VICTOR_METRICS_SERVE=False registers no route (serve /metrics elsewhere)."""
     client = _app(VICTOR_METRICS_SERVE=False).test_client()
     assert 404 == client.get("/metrics", buffered=True).status_code
+
+
+@pytest.mark.parametrize("propagate", [False, True])
+def test_a_request_ended_by_an_exception_flask_does_not_handle_keeps_its_route(propagate):
+    """SystemExit (a worker timeout) or a propagated exception leaves Flask without its
+    request object; the request is still counted on its route template, once."""
+    app = _app(PROPAGATE_EXCEPTIONS=propagate)
+    client = app.test_client()
+    with pytest.raises(SystemExit):
+        client.get("/exit/3")
+    if propagate:
+        with pytest.raises(KeyError):
+            client.get("/boom")
+    values = _values()
+    assert 1.0 == _requests(values, "/exit/<int:code>")
+    errors = ("victor_request_errors_total", (("endpoint", "/exit/<int:code>"),
+                                              ("error_type", "aborted"), ("method", "GET")))
+    assert 1.0 == values.get(errors, 0.0)
+    if propagate:
+        assert 1.0 == _requests(values, "/boom")
+    gauge = ("victor_active_connections", ())
+    assert 0.0 == values.get(gauge, 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from victor_mp_metrics import _compat
 from victor_mp_metrics.exceptions import VictorMetricsError
@@ -132,3 +136,47 @@ def test_importing_with_an_unsupported_prometheus_client_fails_clearly(tmp_path:
     spec = _compat.supported_range()
     assert "prometheus-client 0.99.0 is installed" in last
     assert f"pip install 'prometheus-client{spec}'" in last
+
+
+@given(amounts=st.lists(st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 5.0, 10.0, 60000.0, 1e308])), max_size=20))
+def test_direct_writes_equal_prometheus_clients_own(amounts: list[float]) -> None:
+    """The request path's direct writes (_compat.adder, observe, bucket) leave the same
+    values as prometheus_client's inc() and observe() (bounds, NaN and infinities too)."""
+    registry = CollectorRegistry()
+    buckets = (5.0, 10.0, 25.0, 60000.0)
+    stock = Histogram("stock_ms", "h", ["a"], buckets=buckets, registry=registry).labels("x")
+    ours = Histogram("ours_ms", "h", ["a"], buckets=buckets, registry=registry).labels("x")
+    stock_c = Counter("stock_c", "c", registry=registry)
+    ours_c = Counter("ours_c", "c", registry=registry)
+    parts = _compat.histogram_parts(ours)
+    assert parts is not None
+    add = _compat.adder(ours_c)
+    for amount in amounts:
+        stock.observe(amount)
+        _compat.observe(parts, amount)
+        stock_c.inc(1.0)
+        add(1.0)
+
+    def values(name: str) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name.removeprefix(name), s.labels, s.value)
+                for m in registry.collect() if m.name == name for s in m.samples
+                if not s.name.endswith("_created")]
+
+    def same(a: float, b: float) -> bool:
+        return a == b or (math.isnan(a) and math.isnan(b))
+
+    pairs = list(zip(values("stock_ms"), values("ours_ms"), strict=True))
+    assert all(s[:2] == o[:2] and same(s[2], o[2]) for s, o in pairs)
+    assert [v[2] for v in values("stock_c")] == [v[2] for v in values("ours_c")]
+
+
+def test_direct_writes_fall_back_for_what_they_cannot_write() -> None:
+    """A labelled parent or a mostrecent gauge gets its own checked methods."""
+    registry = CollectorRegistry()
+    parent = Counter("p", "c", ["a"], registry=registry)
+    recent = Gauge("g", "g", multiprocess_mode="mostrecent", registry=registry)
+    assert _compat.adder(parent) == parent.inc
+    assert _compat.adder(recent) == recent.inc
+    assert _compat.histogram_parts(parent) is None

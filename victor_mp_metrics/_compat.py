@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -207,6 +208,60 @@ def add_child(metric: Any, key: tuple[str, ...]) -> Any:
                                  unit=metric._unit, _labelvalues=key, **metric._kwargs)
     metric._metrics[key] = child
     return child
+
+
+# --- direct writes for the request path (checked against 0.20.0 - 0.26.x) -----------------
+# After its checks, ``Counter.inc``/``Gauge.inc`` of an observable child is
+# ``_value.inc(amount)``; ``Histogram.observe`` is ``_sum.inc(amount)`` and
+# ``_buckets[i].inc(1)`` for the first ``i`` with ``amount <= _upper_bounds[i]``.
+
+
+def _observable(metric: Any) -> bool:
+    return isinstance(metric, prometheus_client.metrics.MetricWrapperBase) and (
+        not metric._labelnames or bool(metric._labelvalues))
+
+
+def value_of(metric: Any) -> Any | None:
+    """The value ``inc()`` writes through, of an observable counter or gauge child that may
+    be incremented; None for anything else (a no-op metric, a ``mostrecent`` gauge)."""
+    kinds = (prometheus_client.Counter, prometheus_client.Gauge)
+    if _observable(metric) and isinstance(metric, kinds) and \
+            not getattr(metric, "_is_most_recent", False):
+        return metric._value
+    return None
+
+
+def adder(metric: Any) -> Callable[[float], None]:
+    """``metric.inc`` without its per-call checks where :func:`value_of` allows."""
+    value = value_of(metric)
+    return metric.inc if value is None else value.inc  # type: ignore[no-any-return]
+
+
+def batch_adder(values: list[Any]) -> Callable[[tuple[Any, ...], tuple[float, ...]], None] | None:
+    """``add(values, amounts)`` incrementing several values under one lock, when their
+    value class has it (ours in multiprocess mode, ``add_each``); None otherwise."""
+    kinds = {type(value) for value in values}
+    return getattr(kinds.pop(), "add_each", None) if len(kinds) == 1 else None
+
+
+def histogram_parts(metric: Any) -> tuple[list[float], list[Any], Any] | None:
+    """(upper bounds, bucket values, sum value) of an observable histogram child, for
+    :func:`observe`; None for anything else."""
+    if _observable(metric) and isinstance(metric, prometheus_client.Histogram):
+        return list(metric._upper_bounds), list(metric._buckets), metric._sum
+    return None
+
+
+def bucket(parts: tuple[list[float], list[Any], Any], amount: float) -> Any:
+    """The bucket value ``observe(amount)`` increments (``amount`` not NaN: NaN has none)."""
+    return parts[1][bisect_left(parts[0], amount)]
+
+
+def observe(parts: tuple[list[float], list[Any], Any], amount: float) -> None:
+    """``Histogram.observe(amount)`` on :func:`histogram_parts`."""
+    parts[2].inc(amount)
+    if amount == amount:
+        bucket(parts, amount).inc(1)
 
 
 # --- multiprocess mode for what prometheus_client keeps in memory only ------------------------

@@ -6,7 +6,7 @@ Usage (inside Starlette's error handling, so an exception is recorded by its typ
     app.add_middleware(MetricsMiddleware)
 
 or around any ASGI app: ``app = MetricsMiddleware(app)``. HTTP requests are recorded as
-the WSGI middleware records them (:class:`.wsgi.RequestTracker`, the same life cycle):
+the WSGI middleware records them (:class:`.instrument.RequestTracker`, the same life cycle):
 in flight from the first moment, counted when ``http.response.start`` goes out, timed
 until the final ``http.response.body`` (``more_body`` false) has been sent, so streamed
 responses are timed to their last byte. WebSocket and lifespan scopes pass through.
@@ -24,12 +24,12 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from . import _runtime, instrument
+from .instrument import RequestTracker
 from .wsgi import (
     DEFAULT_EXCLUDED,
     ENDPOINT_KEY,
     ERROR_TYPE_KEY,
     UNMATCHED,
-    RequestTracker,
     set_endpoint,
     set_error_type,
 )

@@ -211,7 +211,10 @@ def get_catalog() -> Catalog:
     A forked child keeps its parent's catalog; its values restart from zero in files of
     its own.
     """
-    return _runtime.singleton("catalog", _create)
+    return _runtime.singleton(SINGLETON, _create)
+
+
+SINGLETON = "catalog"  # the runtime's name of the catalog (``_runtime.RUNTIME.singletons``)
 
 
 def _create() -> Catalog:

@@ -30,7 +30,6 @@ from .wsgi import OTHER_METHOD, STANDARD_METHODS, UNMATCHED  # noqa: F401 - re-e
 log = logging.getLogger("victor_mp_metrics")
 
 EXTENSION_KEY = "victor_mp_metrics"
-_ENDPOINT_KEY = wsgi.ENDPOINT_KEY
 _ERROR_KEY = wsgi.ERROR_TYPE_KEY
 
 
@@ -67,9 +66,8 @@ class VictorMetrics:
         if _runtime.get_settings().enabled:
             # Disabled metrics cost a request nothing: no hook, no middleware.
             got_request_exception.connect(_remember_exception, app, weak=False)
-            app.teardown_request(_remember_route)
             app.wsgi_app = wsgi.MetricsMiddleware(  # type: ignore[method-assign]
-                app.wsgi_app, exclude_paths=excluded, route=_flask_route
+                app.wsgi_app, exclude_paths=excluded, route=_route_of(app)
             )
         if serve:
             app.add_url_rule(path, "victor_metrics", _metrics_view, methods=["GET"])
@@ -80,20 +78,27 @@ def _remember_exception(sender: Flask, exception: BaseException, **extra: Any) -
     request.environ.setdefault(_ERROR_KEY, instrument.error_type_of(exception))
 
 
-def _remember_route(exc: BaseException | None) -> None:
-    # A request ended by an exception (SystemExit of a worker timeout included) is counted
-    # after Flask has dropped its request object from the environ: keep the route now.
-    if exc is not None:
-        rule = request.url_rule
-        request.environ[_ENDPOINT_KEY] = rule.rule if rule is not None else UNMATCHED
-
-
 def _metrics_view() -> Response:
     status, headers, body = render(dict(request.headers.items()), request.args.to_dict(flat=False))
     return Response(body, status=status, headers=headers)
 
 
-def _flask_route(environ: dict[str, Any]) -> str | None:
-    req = environ.get("werkzeug.request")
-    rule = req.url_rule if req is not None else None
-    return rule.rule if rule is not None else None
+def _route_of(app: Flask) -> wsgi.RouteOf:
+    url_map = app.url_map
+
+    def route(environ: dict[str, Any]) -> str | None:
+        req = environ.get("werkzeug.request")
+        if req is not None:
+            rule = req.url_rule
+            return rule.rule if rule is not None else None
+        # A request ended by an exception Flask does not handle (SystemExit of a worker
+        # timeout) is counted after Flask dropped its request from the environ: match again.
+        try:
+            adapter = url_map.bind_to_environ(environ, server_name=app.config["SERVER_NAME"],
+                                              subdomain=url_map.default_subdomain or None)
+            matched, _args = adapter.match(return_rule=True)
+        except Exception:  # no route (404, 405, a redirect): <unmatched>
+            return None
+        return matched.rule
+
+    return route

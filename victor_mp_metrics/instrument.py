@@ -15,20 +15,23 @@ with given label values, each lookup is one dict lookup.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal
 
 import psutil
 
-from . import _runtime
+from . import _compat, _runtime
 from ._metrics import NoopMetric
-from .catalog import get_catalog
+from .catalog import SINGLETON, get_catalog
 
 _perf = time.perf_counter
+log = logging.getLogger("victor_mp_metrics")
 
 
 STATUS_ERROR_TYPES: dict[int, str] = {
@@ -252,28 +255,147 @@ def track_request_in_flight() -> InFlight:
 
 
 class _RequestChildren:
-    """The catalog children of one (endpoint, method): looked up once, then reused."""
+    """The catalog children of one (endpoint, method), looked up once, written directly
+    (:mod:`._compat`: the same writes as ``inc()``/``observe()`` without their checks)."""
 
-    __slots__ = ("duration", "requests")
+    __slots__ = ("add", "count", "duration", "gauge", "parts")
 
-    def __init__(self, catalog: Any, endpoint: str, method: str) -> None:
-        self.requests = catalog.requests_total.labels(endpoint, method)
+    def __init__(self, catalog: Any, endpoint: str, method: str, gauge: Any) -> None:
+        self.count = _compat.adder(catalog.requests_total.labels(endpoint, method))
         self.duration = catalog.request_duration_ms.labels(endpoint, method)
+        self.parts = _compat.histogram_parts(self.duration)
+        self.gauge = gauge  # the in-flight gauge's value, or None
+        self.add = None
+        if self.parts is not None and gauge is not None:
+            self.add = _compat.batch_adder([self.parts[2], *self.parts[1], gauge])
+
+    def observe(self, duration_ms: float, exemplar: dict[str, str] | None) -> None:
+        if exemplar is None and self.parts is not None:
+            _compat.observe(self.parts, duration_ms)
+        else:
+            self.duration.observe(duration_ms, exemplar)
+
+    def finish(self, duration_ms: float, exemplar: dict[str, str] | None,
+               in_flight: Callable[[float], None]) -> None:
+        """Observe the duration, then take the request out of the in-flight gauge: under
+        one lock when the value class allows (a scrape never sees one without the other)."""
+        add = self.add
+        if add is None or exemplar is not None or duration_ms != duration_ms:
+            self.observe(duration_ms, exemplar)
+            in_flight(-1.0)
+            return
+        parts = self.parts
+        assert parts is not None  # add is made only with them
+        add((parts[2], _compat.bucket(parts, duration_ms), self.gauge), (duration_ms, 1.0, -1.0))
 
 
-_children: dict[tuple[str, str], _RequestChildren] = {}
-_children_of: list[Any] = [None]  # the catalog the cached children belong to
+class _RequestMetrics:
+    """The request metrics of one catalog: the in-flight gauge's adder and the children
+    of each (endpoint, method), bounded in practice by route templates x nine methods."""
+
+    __slots__ = ("catalog", "children", "errors", "gauge", "in_flight")
+
+    def __init__(self, catalog: Any) -> None:
+        self.catalog = catalog
+        self.children: dict[tuple[str, str], _RequestChildren] = {}
+        self.in_flight = _compat.adder(catalog.active_connections)
+        self.gauge = _compat.value_of(catalog.active_connections)
+        self.errors = catalog.request_errors_total
+
+    def of(self, endpoint: str, method: str) -> _RequestChildren:
+        found = self.children.get((endpoint, method))
+        if found is None:
+            found = self.children[(endpoint, method)] = _RequestChildren(
+                self.catalog, endpoint, method, self.gauge)
+        return found
+
+    def count(self, endpoint: str, method: str, status: int,
+              error_type: str | None) -> _RequestChildren:
+        """Count one answered request (see :func:`record_request`); its children."""
+        children = self.children.get((endpoint, method)) or self.of(endpoint, method)
+        children.count(1.0)
+        if status >= 400 or error_type is not None:
+            self.errors.labels(endpoint, method,
+                               error_type or error_type_for_status(status)).inc()
+        return children
 
 
-def _request_children(endpoint: str, method: str) -> _RequestChildren:
-    catalog = get_catalog()
-    if _children_of[0] is not catalog:  # reset() or first use: children of another catalog
-        _children.clear()
-        _children_of[0] = catalog
-    found = _children.get((endpoint, method))
-    if found is None:  # bounded in practice: route templates x a fixed set of methods
-        found = _children[(endpoint, method)] = _RequestChildren(catalog, endpoint, method)
-    return found
+_current: list[_RequestMetrics | None] = [None]  # of the catalog in use
+
+
+def _request_metrics() -> _RequestMetrics:
+    """This process's request metrics (made anew when the catalog is, after ``reset()``)."""
+    current = _current[0]
+    if current is None or current.catalog is not _runtime.RUNTIME.singletons.get(SINGLETON):
+        current = _current[0] = _RequestMetrics(get_catalog())
+    return current
+
+
+OTHER_METHOD = "OTHER"
+STANDARD_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+)
+
+
+class RequestTracker:
+    """One request of any integration: in flight from :meth:`begin`, counted once by
+    :meth:`answered`, timed until :meth:`end` (idempotent). Recording errors are logged,
+    never raised. Methods outside the standard nine are recorded as ``OTHER``.
+
+    ``traceparent`` (a W3C header) becomes the exemplar ``{"trace_id": ...}`` of the
+    request's duration, and of the LLM and tool durations observed while it runs.
+    """
+
+    __slots__ = ("children", "done", "endpoint", "exemplar", "method", "metrics", "started")
+
+    def __init__(self, method: str, traceparent: str | None = None) -> None:
+        self.method = method if method in STANDARD_METHODS else OTHER_METHOD
+        self.endpoint: str | None = None
+        self.done = False
+        self.started = 0.0
+        self.metrics: _RequestMetrics | None = None
+        self.children: _RequestChildren | None = None
+        self.exemplar = trace_exemplar(traceparent) if traceparent else None
+
+    def begin(self) -> None:
+        try:
+            metrics = self.metrics = _request_metrics()
+            metrics.in_flight(1.0)
+        except Exception:
+            log.exception("victor_mp_metrics: could not count the request in flight")
+        if self.exemplar is not None:
+            _exemplar.set(self.exemplar)
+        self.started = _perf()
+
+    def answered(self, endpoint: str, status: int, error_type: str | None = None) -> None:
+        """Count the request (the first call only) as its status goes to the server;
+        ``error_type`` names the error of a status >= 400 (default: the status's own)."""
+        if self.endpoint is not None:
+            return
+        self.endpoint = endpoint
+        try:
+            metrics = self.metrics or _request_metrics()
+            self.children = metrics.count(endpoint, self.method, status,
+                                          error_type if status >= 400 else None)
+        except Exception:
+            log.exception("victor_mp_metrics: could not record request metrics")
+
+    def end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        elapsed_ms = (_perf() - self.started) * 1000.0
+        try:
+            metrics = self.metrics or _request_metrics()  # the gauge begin() counted in
+            children = self.children
+            if children is None:
+                metrics.in_flight(-1.0)
+            else:  # timed before it leaves the in-flight gauge
+                children.finish(elapsed_ms, self.exemplar, metrics.in_flight)
+        except Exception:
+            log.exception("victor_mp_metrics: could not record request metrics")
+        if self.exemplar is not None:
+            _exemplar.set(None)
 
 
 def record_request(
@@ -291,22 +413,16 @@ def record_request(
     :func:`error_type_for_status`; an ``error_type`` given with a success status counts
     an error too.
     """
-    children = _request_children(endpoint, method)
-    children.requests.inc()
+    children = _request_metrics().count(endpoint, method, status, error_type)
     if duration_ms is not None:
-        children.duration.observe(duration_ms)
-    if error_type is None:
-        error_type = error_type_for_status(status)
-        if error_type is None:
-            return
-    get_catalog().request_errors_total.labels(endpoint, method, error_type).inc()
+        children.observe(duration_ms, None)
 
 
 def observe_request_duration(endpoint: str, method: str, duration_ms: float,
                              exemplar: dict[str, str] | None = None) -> None:
     """Observe a request's duration in ``victor_request_duration_ms`` (with an exemplar,
     e.g. ``{"trace_id": ...}``, when given)."""
-    _request_children(endpoint, method).duration.observe(duration_ms, exemplar)
+    _request_metrics().of(endpoint, method).observe(duration_ms, exemplar)
 
 
 def record_cache_hit(cache_name: str, count: int = 1) -> None:

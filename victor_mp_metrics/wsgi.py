@@ -16,29 +16,30 @@ Labels carry the route template, never the raw path. The template is, first that
 ``environ[ENDPOINT_KEY]`` (framework glue sets it, see :class:`DjangoRouteMiddleware`
 and :class:`FalconRouteMiddleware`), then what the ``route`` callable given to the
 middleware returns; otherwise ``<unmatched>``. Methods outside the standard nine are
-``OTHER``. :class:`RequestTracker` is the one implementation of this life cycle, shared
-by the ASGI middleware (:mod:`.asgi`).
+``OTHER``. :class:`.instrument.RequestTracker` is the one implementation of this life
+cycle, shared by the ASGI middleware (:mod:`.asgi`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 from . import _runtime, instrument
-from .catalog import get_catalog
+from .instrument import OTHER_METHOD, STANDARD_METHODS, RequestTracker
+
+__all__ = [
+    "DEFAULT_EXCLUDED", "ENDPOINT_KEY", "ERROR_TYPE_KEY", "OTHER_METHOD", "STANDARD_METHODS",
+    "UNMATCHED", "DjangoRouteMiddleware", "FalconRouteMiddleware",
+    "MetricsMiddleware", "RequestTracker", "set_endpoint", "set_error_type",
+]
 
 log = logging.getLogger("victor_mp_metrics")
 
 ENDPOINT_KEY = "victor_mp_metrics.endpoint"
 ERROR_TYPE_KEY = "victor_mp_metrics.error_type"
 UNMATCHED = "<unmatched>"
-OTHER_METHOD = "OTHER"
-STANDARD_METHODS = frozenset(
-    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
-)
 DEFAULT_EXCLUDED = ("/metrics",)
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -55,60 +56,6 @@ def set_error_type(environ: MutableMapping[str, Any], error_type: str) -> None:
     """Name the ``error_type`` recorded if this request's status is an error (a WSGI
     environ or an ASGI scope; a FastAPI handler passes ``request.scope``)."""
     environ[ERROR_TYPE_KEY] = error_type
-
-
-class RequestTracker:
-    """One request: in flight from :meth:`begin`, counted once by :meth:`answered`, timed
-    until :meth:`end` (idempotent). Recording errors are logged, never raised.
-
-    ``traceparent`` (a W3C header) becomes the exemplar ``{"trace_id": ...}`` of the
-    request's duration, and of the LLM and tool durations observed while it runs.
-    """
-
-    __slots__ = ("done", "endpoint", "exemplar", "method", "started")
-
-    def __init__(self, method: str, traceparent: str | None = None) -> None:
-        self.method = method if method in STANDARD_METHODS else OTHER_METHOD
-        self.endpoint: str | None = None
-        self.done = False
-        self.started = 0.0
-        self.exemplar = instrument.trace_exemplar(traceparent) if traceparent else None
-
-    def begin(self) -> None:
-        self.started = time.perf_counter()
-        try:
-            get_catalog().active_connections.inc()
-        except Exception:
-            log.exception("victor_mp_metrics: could not count the request in flight")
-        if self.exemplar is not None:
-            instrument.set_request_exemplar(self.exemplar)
-
-    def answered(self, endpoint: str, status: int, error_type: str | None = None) -> None:
-        """Count the request (the first call only) as its status goes to the server;
-        ``error_type`` names the error of a status >= 400 (default: the status's own)."""
-        if self.endpoint is not None:
-            return
-        self.endpoint = endpoint
-        try:
-            instrument.record_request(endpoint, self.method, status, None,
-                                      error_type if status >= 400 else None)
-        except Exception:
-            log.exception("victor_mp_metrics: could not record request metrics")
-
-    def end(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        elapsed_ms = (time.perf_counter() - self.started) * 1000.0
-        try:
-            if self.endpoint is not None:  # timed before it leaves the in-flight gauge
-                instrument.observe_request_duration(self.endpoint, self.method, elapsed_ms,
-                                                    self.exemplar)
-            get_catalog().active_connections.dec()
-        except Exception:
-            log.exception("victor_mp_metrics: could not record request metrics")
-        if self.exemplar is not None:
-            instrument.set_request_exemplar(None)
 
 
 class MetricsMiddleware:
@@ -134,26 +81,20 @@ class MetricsMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if not self.enabled or environ.get("PATH_INFO", "") in self.excluded:
             return self.app(environ, start_response)
-        tracker = RequestTracker(environ.get("REQUEST_METHOD", ""),
-                                 environ.get("HTTP_TRACEPARENT"))
-        tracker.begin()
-
-        def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
-            self._answered(tracker, environ, int(status[:3]))
-            return start_response(status, headers, *exc_info)
-
+        request = _Request(environ.get("REQUEST_METHOD", ""), environ.get("HTTP_TRACEPARENT"))
+        request.begin()
+        request.environ = environ
+        request.start_response = start_response
+        request.middleware = self
         try:
-            body = self.app(environ, capture)
+            request.body = self.app(environ, request.capture)
         except BaseException as exc:
             environ.setdefault(ERROR_TYPE_KEY, instrument.error_type_of(exc))
-            self._answered(tracker, environ, 500)
-            tracker.end()
+            if request.endpoint is None:
+                request.answered(self.endpoint_of(environ), 500, environ.get(ERROR_TYPE_KEY))
+            request.end()
             raise
-        return ClosingBody(body, tracker)
-
-    def _answered(self, tracker: RequestTracker, environ: dict[str, Any], status: int) -> None:
-        if tracker.endpoint is None:
-            tracker.answered(self.endpoint_of(environ), status, environ.get(ERROR_TYPE_KEY))
+        return request
 
     def endpoint_of(self, environ: dict[str, Any]) -> str:
         """The route template of the request being answered, or ``<unmatched>``."""
@@ -166,25 +107,35 @@ class MetricsMiddleware:
         return endpoint if isinstance(endpoint, str) and endpoint else UNMATCHED
 
 
-class ClosingBody:
-    """The response iterable; ends its request when the server closes it."""
+class _Request(RequestTracker):
+    """One WSGI request: its tracker, the ``start_response`` the app calls (counting the
+    request) and the response iterable the server gets (ending it on ``close()``). One
+    object per request, not three: the request path's cost is its frames and objects."""
 
-    __slots__ = ("_body", "_tracker")
+    __slots__ = ("body", "environ", "middleware", "start_response")
 
-    def __init__(self, body: Iterable[bytes], tracker: RequestTracker) -> None:
-        self._body = body
-        self._tracker = tracker
+    body: Iterable[bytes]
+    environ: dict[str, Any]
+    middleware: MetricsMiddleware
+    start_response: Callable[..., Any]
+
+    def capture(self, status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+        if self.endpoint is None:
+            environ = self.environ
+            self.answered(self.middleware.endpoint_of(environ), int(status[:3]),
+                          environ.get(ERROR_TYPE_KEY))
+        return self.start_response(status, headers, *exc_info)
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._body)
+        return iter(self.body)
 
     def close(self) -> None:
         try:
-            close = getattr(self._body, "close", None)
+            close = getattr(self.body, "close", None)
             if close is not None:
                 close()
         finally:
-            self._tracker.end()
+            self.end()
 
 
 class DjangoRouteMiddleware:

@@ -419,6 +419,17 @@ def make_value_class(store: ProcessStore) -> type:
                 if f is not None:  # the stamp beside it was written when the slot was had
                     f.doubles[self._pos >> 3] = self._value
 
+        @staticmethod
+        def add_each(values: tuple[FileValue, ...], amounts: tuple[float, ...]) -> None:
+            """``values[i].inc(amounts[i])`` for each i, under one acquisition of the lock
+            (a request's end: its duration's sum and bucket, and the in-flight gauge)."""
+            with cell[0]:
+                for value, amount in zip(values, amounts, strict=True):
+                    value._value += amount
+                    f = value._file
+                    if f is not None:
+                        f.doubles[value._pos >> 3] = value._value
+
         def set(self, value: float, timestamp: float | None = None) -> None:
             with cell[0]:
                 self._value = value
