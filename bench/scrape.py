@@ -401,6 +401,23 @@ class Case:
             return self.stock
         return self.uncompacted if kind == "uncomp" else self.ours
 
+    def memory(self, scrapes: int) -> None:
+        """A fresh worker stand-in scrapes the directory ``scrapes`` times: its resident
+        memory after the 1st, 10th and last scrape (the caches must not keep growing)."""
+        proc = subprocess.run(
+            [sys.executable, __file__, "--hc-child", "hc_ours", str(scrapes), self.clock,
+             str(self.ours), "-"],
+            env=_library_env(self.ours), cwd=ROOT, capture_output=True, text=True,
+            timeout=1800, check=False,
+        )  # fmt: skip
+        remove_new_files(self.ours, self.keep)
+        if proc.returncode != 0:
+            raise SystemExit(f"hc memory subprocess failed:\n{proc.stderr}")
+        found = json.loads(proc.stdout.strip().splitlines()[-1])["rss"]
+        self.rss = {int(n): size for n, size in found.items()}
+        print("  hc memory: RSS after " + ", ".join(
+            f"{n} scrape(s) {size(b)}" for n, b in sorted(self.rss.items())), flush=True)
+
     def cold(self, kind: str) -> float:
         return median([run[0] for run in self.runs[kind]])
 
@@ -565,6 +582,7 @@ def hc_child(kind: str, directory: str, calls: int, clock_name: str, text_out: s
                 return b""
 
     times = []
+    rss: dict[int, int] = {}  # scrapes done -> resident bytes
     for n in range(calls):
         gc.collect()
         started = clock()
@@ -572,7 +590,14 @@ def hc_child(kind: str, directory: str, calls: int, clock_name: str, text_out: s
         times.append(clock() - started)
         if n == 0 and text_out != "-":
             Path(text_out).write_bytes(body)
-    print(json.dumps(times))
+        if n + 1 in (1, 10, calls):
+            rss[n + 1] = _resident_bytes()
+    print(json.dumps({"times": times, "rss": rss}))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def text_samples(path: Path, prefix: str) -> dict[SampleKey, float]:
@@ -603,6 +628,7 @@ class HighCardinality:
         self.runs: dict[str, list[list[float]]] = {kind: [] for kind in HC_KINDS}
         self.same: bool | None = None
         self.samples = (0, 0)
+        self.rss: dict[int, int] = {}
 
     def measure(self, rounds: int, scrapes: int, stock_scrapes: int) -> None:
         jobs = list(HC_KINDS)
@@ -622,13 +648,30 @@ class HighCardinality:
                 remove_new_files(self.ours, self.keep)
                 if proc.returncode != 0:
                     raise SystemExit(f"{kind} subprocess failed:\n{proc.stderr}")
-                self.runs[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                self.runs[kind].append(json.loads(proc.stdout.strip().splitlines()[-1])["times"])
                 print(f"  hc round {round_ + 1} {kind}: "
                       + " ".join(ms(t) for t in self.runs[kind][-1]) + " ms", flush=True)
         reference = text_samples(self.root / "hc_stock.txt", "bench_hc_")
         ours = text_samples(self.root / "hc_ours.txt", "bench_hc_")
         self.samples = (len(reference), len(ours))
         self.same = same(reference, ours)
+
+    def memory(self, scrapes: int) -> None:
+        """A fresh worker stand-in scrapes the directory ``scrapes`` times: its resident
+        memory after the 1st, 10th and last scrape (the caches must not keep growing)."""
+        proc = subprocess.run(
+            [sys.executable, __file__, "--hc-child", "hc_ours", str(scrapes), self.clock,
+             str(self.ours), "-"],
+            env=_library_env(self.ours), cwd=ROOT, capture_output=True, text=True,
+            timeout=1800, check=False,
+        )  # fmt: skip
+        remove_new_files(self.ours, self.keep)
+        if proc.returncode != 0:
+            raise SystemExit(f"hc memory subprocess failed:\n{proc.stderr}")
+        found = json.loads(proc.stdout.strip().splitlines()[-1])["rss"]
+        self.rss = {int(n): size for n, size in found.items()}
+        print("  hc memory: RSS after " + ", ".join(
+            f"{n} scrape(s) {size(b)}" for n, b in sorted(self.rss.items())), flush=True)
 
     def cold(self, kind: str) -> float:
         return median([run[0] for run in self.runs[kind]])
@@ -664,6 +707,19 @@ class HighCardinality:
             f"bench_hc_* samples: stock {self.samples[0]:,}, ours {self.samples[1]:,}; equal: "
             f"{'yes' if self.same else 'NO'}",
         ]
+        if self.rss:
+            last = max(self.rss)
+            out.append(
+                "Memory of a worker stand-in scraping it (RSS, from /proc/self/statm): "
+                + ", ".join(f"{size(b)} after {n} scrape(s)" for n, b in sorted(self.rss.items()))
+                + f"; the directory itself is {size(self.stats[2])} (mapped files are read, "
+                "never kept mapped)")
+            verdicts.check(
+                f"[#16] aggregator caches bounded: RSS after {last} scrapes <= 1.05x after 10",
+                self.rss[last] <= 1.05 * self.rss[10],
+                f"{size(self.rss[last])} vs {size(self.rss[10])} "
+                f"({self.rss[last] / self.rss[10]:.3f}x)",
+            )
         verdicts.check(
             f"[#16] steady-state scrape, {self.workers} live x {self.series:,} series: full "
             f"/metrics >= {GOAL_HC:.0f}x faster than stock",
@@ -995,6 +1051,8 @@ def main() -> int:
     parser.add_argument("--hc-series", type=int, default=HC_SERIES,
                         help=f"hc: series (label sets) per writer N, half on a counter, half "
                         f"on a histogram (default {HC_SERIES:,})")
+    parser.add_argument("--hc-memory-scrapes", type=int, default=None,
+                        help="scrapes of the memory run (default 100; --quick 20)")
     parser.add_argument("--hc-scrapes", type=int, default=None,
                         help="hc: warm scrapes of ours per subprocess (default 8; --quick 4); "
                         "stock gets 2 (--quick 1)")
@@ -1157,6 +1215,7 @@ def run_issue16(args: argparse.Namespace, cases: set[str], root: Path,
                   flush=True)  # fmt: skip
             scrapes = args.hc_scrapes or (4 if args.quick else 8)
             hc.measure(rounds, scrapes, 1 if args.quick else 2)
+            hc.memory(args.hc_memory_scrapes or (20 if args.quick else 100))
             reports.append(hc.report(verdicts))
             if args.profile:
                 reports.append(hc_profile(hc.ours))

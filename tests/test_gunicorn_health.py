@@ -153,7 +153,7 @@ def post_fork(server, worker):
     marker = pathlib.Path(os.environ["LINGER_MARKER"])
     if marker.exists():  # the test asks the next worker to linger before its handlers
         pathlib.Path(str(marker) + ".booting").write_text(str(os.getpid()))
-        time.sleep(1.0)
+        time.sleep(2.5)  # the master gets its SIGTERM and passes it on meanwhile
 """
 
 
@@ -184,7 +184,7 @@ def test_a_worker_booting_when_the_master_is_told_to_stop_does_not_hold_it_up(
             pass
         took = time.monotonic() - started
         log = server.logs()
-    assert took < 8.0, log
+    assert took < 10.0, log  # the 2.5 s linger and a loaded machine; not 20 s
     assert "the master is shutting down; worker" in log
 
 
