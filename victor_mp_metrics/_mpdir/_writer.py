@@ -177,7 +177,7 @@ class ProcessStore:
             self._failed(err)
         else:
             value._file = f
-            value._pos = pos
+            value._index = pos >> 3  # of the value among the map's float64s
 
     def _failed(self, err: OSError) -> None:
         self.write_errors += 1
@@ -396,7 +396,7 @@ def make_value_class(store: ProcessStore) -> type:
         """A float in this process's mmap file, behind the process-wide lock."""
 
         _multiprocess = True
-        __slots__ = ("_file", "_key", "_pos", "_prefix", "_recent", "_timestamp", "_value")
+        __slots__ = ("_file", "_index", "_key", "_prefix", "_recent", "_timestamp", "_value")
 
         def __init__(self, typ: str, metric_name: str, name: str, labelnames: Any,
                      labelvalues: Any, help_text: str, multiprocess_mode: str = "",
@@ -407,7 +407,7 @@ def make_value_class(store: ProcessStore) -> type:
             self._recent = multiprocess_mode in ("mostrecent", "livemostrecent")
             self._timestamp = 0.0 if self._recent else time.time()  # the stamp
             self._file: _WriterFile | None = None
-            self._pos = 0
+            self._index = 0
             with store.lock:
                 store.values.append(self)
                 store.attach(self)
@@ -417,7 +417,7 @@ def make_value_class(store: ProcessStore) -> type:
                 self._value += amount
                 f = self._file
                 if f is not None:  # the stamp beside it was written when the slot was had
-                    f.doubles[self._pos >> 3] = self._value
+                    f.doubles[self._index] = self._value
 
         @staticmethod
         def add_each(values: tuple[FileValue, ...], amounts: tuple[float, ...]) -> None:
@@ -428,7 +428,7 @@ def make_value_class(store: ProcessStore) -> type:
                     value._value += amount
                     f = value._file
                     if f is not None:
-                        f.doubles[value._pos >> 3] = value._value
+                        f.doubles[value._index] = value._value
 
         def set(self, value: float, timestamp: float | None = None) -> None:
             with cell[0]:
@@ -438,8 +438,8 @@ def make_value_class(store: ProcessStore) -> type:
                 f = self._file
                 if f is not None:
                     doubles = f.doubles
-                    doubles[(self._pos >> 3) + 1] = self._timestamp
-                    doubles[self._pos >> 3] = value
+                    doubles[self._index + 1] = self._timestamp
+                    doubles[self._index] = value
 
         def set_exemplar(self, exemplar: Any) -> None:
             with cell[0]:
