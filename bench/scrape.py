@@ -74,6 +74,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from _common import CLOCKS, ROOT, Verdicts, library, load_average, median, ms, ratio, size, table
 from prometheus_client import CollectorRegistry, Metric, generate_latest
@@ -401,23 +402,6 @@ class Case:
             return self.stock
         return self.uncompacted if kind == "uncomp" else self.ours
 
-    def memory(self, scrapes: int) -> None:
-        """A fresh worker stand-in scrapes the directory ``scrapes`` times: its resident
-        memory after the 1st, 10th and last scrape (the caches must not keep growing)."""
-        proc = subprocess.run(
-            [sys.executable, __file__, "--hc-child", "hc_ours", str(scrapes), self.clock,
-             str(self.ours), "-"],
-            env=_library_env(self.ours), cwd=ROOT, capture_output=True, text=True,
-            timeout=1800, check=False,
-        )  # fmt: skip
-        remove_new_files(self.ours, self.keep)
-        if proc.returncode != 0:
-            raise SystemExit(f"hc memory subprocess failed:\n{proc.stderr}")
-        found = json.loads(proc.stdout.strip().splitlines()[-1])["rss"]
-        self.rss = {int(n): size for n, size in found.items()}
-        print("  hc memory: RSS after " + ", ".join(
-            f"{n} scrape(s) {size(b)}" for n, b in sorted(self.rss.items())), flush=True)
-
     def cold(self, kind: str) -> float:
         return median([run[0] for run in self.runs[kind]])
 
@@ -639,16 +623,8 @@ class HighCardinality:
                 stock = kind == "hc_stock"
                 calls = 1 + (stock_scrapes if stock else scrapes)
                 text = self.root / f"{kind}.txt" if round_ == 0 and kind != "hc_read" else None
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--hc-child", kind, str(calls), self.clock,
-                     str(self.stock if stock else self.ours), str(text or "-")],
-                    env=_library_env(self.ours), cwd=ROOT, capture_output=True, text=True,
-                    timeout=1800, check=False,
-                )  # fmt: skip
-                remove_new_files(self.ours, self.keep)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{kind} subprocess failed:\n{proc.stderr}")
-                self.runs[kind].append(json.loads(proc.stdout.strip().splitlines()[-1])["times"])
+                found = self._child(kind, calls, self.stock if stock else self.ours, text)
+                self.runs[kind].append(found["times"])
                 print(f"  hc round {round_ + 1} {kind}: "
                       + " ".join(ms(t) for t in self.runs[kind][-1]) + " ms", flush=True)
         reference = text_samples(self.root / "hc_stock.txt", "bench_hc_")
@@ -656,20 +632,24 @@ class HighCardinality:
         self.samples = (len(reference), len(ours))
         self.same = same(reference, ours)
 
-    def memory(self, scrapes: int) -> None:
-        """A fresh worker stand-in scrapes the directory ``scrapes`` times: its resident
-        memory after the 1st, 10th and last scrape (the caches must not keep growing)."""
+    def _child(self, kind: str, calls: int, directory: Path, text: Path | None) -> Any:
+        """What ``hc_child`` printed: the times of its ``calls`` scrapes and its RSS."""
         proc = subprocess.run(
-            [sys.executable, __file__, "--hc-child", "hc_ours", str(scrapes), self.clock,
-             str(self.ours), "-"],
+            [sys.executable, __file__, "--hc-child", kind, str(calls), self.clock,
+             str(directory), str(text or "-")],
             env=_library_env(self.ours), cwd=ROOT, capture_output=True, text=True,
             timeout=1800, check=False,
         )  # fmt: skip
         remove_new_files(self.ours, self.keep)
         if proc.returncode != 0:
-            raise SystemExit(f"hc memory subprocess failed:\n{proc.stderr}")
-        found = json.loads(proc.stdout.strip().splitlines()[-1])["rss"]
-        self.rss = {int(n): size for n, size in found.items()}
+            raise SystemExit(f"{kind} subprocess failed:\n{proc.stderr}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def memory(self, scrapes: int) -> None:
+        """A fresh worker stand-in scrapes the directory ``scrapes`` times: its resident
+        memory after the 1st, 10th and last scrape (the caches must not keep growing)."""
+        found = self._child("hc_ours", scrapes, self.ours, None)["rss"]
+        self.rss = {int(n): resident for n, resident in found.items()}
         print("  hc memory: RSS after " + ", ".join(
             f"{n} scrape(s) {size(b)}" for n, b in sorted(self.rss.items())), flush=True)
 
