@@ -312,7 +312,7 @@ class _RequestMetrics:
     def count(self, endpoint: str, method: str, status: int,
               error_type: str | None) -> _RequestChildren:
         """Count one answered request (see :func:`record_request`); its children."""
-        children = self.children.get((endpoint, method)) or self.of(endpoint, method)
+        children = self.of(endpoint, method)
         children.count(1.0)
         if status >= 400 or error_type is not None:
             self.errors.labels(endpoint, method,

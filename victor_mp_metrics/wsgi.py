@@ -90,8 +90,7 @@ class MetricsMiddleware:
             request.body = self.app(environ, request.capture)
         except BaseException as exc:
             environ.setdefault(ERROR_TYPE_KEY, instrument.error_type_of(exc))
-            if request.endpoint is None:
-                request.answered(self.endpoint_of(environ), 500, environ.get(ERROR_TYPE_KEY))
+            request.answer(500)
             request.end()
             raise
         return request
@@ -120,11 +119,15 @@ class _Request(RequestTracker):
     start_response: Callable[..., Any]
 
     def capture(self, status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+        self.answer(int(status[:3]))
+        return self.start_response(status, headers, *exc_info)
+
+    def answer(self, status: int) -> None:
+        """Count the request with ``status`` on its route, unless it is counted already."""
         if self.endpoint is None:
             environ = self.environ
-            self.answered(self.middleware.endpoint_of(environ), int(status[:3]),
+            self.answered(self.middleware.endpoint_of(environ), status,
                           environ.get(ERROR_TYPE_KEY))
-        return self.start_response(status, headers, *exc_info)
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.body)

@@ -30,13 +30,19 @@ def bucket_bound(value: float) -> str:
     return text
 
 
+def shown_type(typ: str, mode: str) -> str:
+    """The type a family of files of ``typ`` and gauge ``mode`` is shown as (Info and Enum
+    are stored as gauges of mode ``info`` and ``stateset``)."""
+    return {"info": "info", "stateset": "stateset"}.get(mode, typ)
+
+
 class Family:
     """The merged values of one metric family."""
 
     __slots__ = ("buckets", "exemplars", "help", "mode", "rule", "typ", "values")
 
     def __init__(self, typ: str, help_text: str, mode: str) -> None:
-        self.typ = {"info": "info", "stateset": "stateset"}.get(mode, typ)
+        self.typ = shown_type(typ, mode)
         self.help = help_text
         self.mode = mode
         self.rule = rule_of(mode)

@@ -28,7 +28,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
-from ._families import Family, SampleKey, Snapshot
+from ._families import Family, SampleKey, Snapshot, shown_type
 from ._format import TWO_DOUBLES, Key
 from ._merge import SUM
 from ._names import DataFile
@@ -280,7 +280,7 @@ class TextPlanner:
             if known is not None and known[0] == len(layout.entries):
                 by_layout[layout.serial] = known
                 continue
-            typ = Family(info.typ, "", info.mode).typ
+            typ = shown_type(info.typ, info.mode)
             positions: list[int] = []
             slots: list[int] = []
             dynamic: list[tuple[Key, int]] = []
