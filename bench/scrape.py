@@ -359,6 +359,18 @@ def run_child(kind: str, directories: list[Path], calls: int, clock_name: str) -
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def library_child(args: list[str], directory: Path, what: str, timeout: float) -> Any:
+    """Run this script with ``args`` in a subprocess configured for ``directory``; what it
+    printed last, as JSON (exits with its stderr if it failed)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], env=_library_env(directory), cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} subprocess failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 class Case:
     """One K: its directories, compaction, and the timings of its variants.
 
@@ -634,16 +646,11 @@ class HighCardinality:
 
     def _child(self, kind: str, calls: int, directory: Path, text: Path | None) -> Any:
         """What ``hc_child`` printed: the times of its ``calls`` scrapes and its RSS."""
-        proc = subprocess.run(
-            [sys.executable, __file__, "--hc-child", kind, str(calls), self.clock,
-             str(directory), str(text or "-")],
-            env=_library_env(self.ours), cwd=ROOT, capture_output=True, text=True,
-            timeout=1800, check=False,
-        )  # fmt: skip
-        remove_new_files(self.ours, self.keep)
-        if proc.returncode != 0:
-            raise SystemExit(f"{kind} subprocess failed:\n{proc.stderr}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        try:
+            return library_child(["--hc-child", kind, str(calls), self.clock, str(directory),
+                                  str(text or "-")], self.ours, kind, 1800)
+        finally:
+            remove_new_files(self.ours, self.keep)
 
     def memory(self, scrapes: int) -> None:
         """A fresh worker stand-in scrapes the directory ``scrapes`` times: its resident
@@ -789,16 +796,11 @@ class ColdFork:
 
     def measure(self, rounds: int, forks: int, warm: int) -> None:
         for round_ in range(rounds):
-            proc = subprocess.run(
-                [sys.executable, __file__, "--cold-child", str(forks), str(warm), self.clock,
-                 str(self.ours)],
-                env=_library_env(self.ours), cwd=ROOT, capture_output=True, text=True,
-                timeout=600, check=False,
-            )  # fmt: skip
-            remove_new_files(self.ours, self.keep)
-            if proc.returncode != 0:
-                raise SystemExit(f"cold-fork subprocess failed:\n{proc.stderr}")
-            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            try:
+                got = library_child(["--cold-child", str(forks), str(warm), self.clock,
+                                     str(self.ours)], self.ours, "cold-fork", 600)
+            finally:
+                remove_new_files(self.ours, self.keep)
             for kind in self.runs:
                 self.runs[kind].extend(got[kind])
             print(f"  cold round {round_ + 1}: render first "
@@ -933,17 +935,12 @@ class ForkBlock:
                 os.link(self.pristine / name, copy / name)
             own = self.root / f"master-{n}"
             own.mkdir(mode=0o700)
-            proc = subprocess.run(
-                [sys.executable, __file__, "--block-child", str(baseline_forks), str(copy),
-                 str(own)],
-                env=_library_env(own), cwd=ROOT, capture_output=True, text=True,
-                timeout=600, check=False,
-            )  # fmt: skip
-            shutil.rmtree(copy, ignore_errors=True)
-            shutil.rmtree(own, ignore_errors=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"fork-block subprocess failed:\n{proc.stderr}")
-            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            try:
+                got = library_child(["--block-child", str(baseline_forks), str(copy),
+                                     str(own)], own, "fork-block", 600)
+            finally:
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.rmtree(own, ignore_errors=True)
             self.runs.append(got)
             print(f"  block run {n + 1}: {len(got['during'])} forks during "
                   f"{got['elapsed'] * 1000:.0f} ms of compaction, max "
