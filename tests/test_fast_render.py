@@ -9,10 +9,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.exposition import generate_latest
+from prometheus_client.mmap_dict import mmap_key
 
 from victor_mp_metrics import _compat
 from victor_mp_metrics._exposition import FamiliesCollector
 from victor_mp_metrics._mpdir import DirectoryReader, add_tombstone, compact
+from victor_mp_metrics._mpdir._writer import _WriterFile
 
 from ._dirs import live_owner, write_data_file
 
@@ -215,6 +217,96 @@ def test_a_new_writer_with_known_samples_is_printed_fast_at_once(tmp_path: Path)
                         [("c", "c_total", {"a": "y"}, 4.0, 3.0)])
         assert reader.read_text(frozenset(), frozenset()).text is None
         assert _slow(tmp_path) == _fast(reader)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _append(writer, entries) -> None:
+    """Append ``entries`` to a writer file in place, as a live worker's first uses do."""
+    for metric, sample, labels, value, stamp in entries:
+        pos = writer.position(mmap_key(metric, sample, list(labels), list(labels.values()),
+                                       f"help {metric}"))
+        writer.doubles[pos // 8] = value
+        writer.doubles[pos // 8 + 1] = stamp
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=_directories(), first=st.integers(1, 3), cut=st.data())
+def test_files_growing_in_place_print_the_same_bytes(tmp_path_factory, spec, first, cut):
+    """Writer files that grow in place with samples the plan has seen in other files (a
+    worker's first requests, in any file of the listing) and new writers' files: every
+    scrape equals generate_latest of read(), line order included."""
+    directory = tmp_path_factory.mktemp("d")
+    writers, files = spec
+    fds = [live_owner(directory, f"{20000 + w}-{w:08x}") for w in range(writers)]
+    opened = []
+    try:
+        late = []
+        for kind, ident, entries in files:
+            if int(ident[:5]) - 20000 >= first:
+                late.append((None, kind, ident, entries))
+                continue
+            writer = _WriterFile(str(directory / f"{kind}_{ident}.db"))
+            opened.append(writer)
+            n = cut.draw(st.integers(0, len(entries)))
+            _append(writer, entries[:n])
+            late.append((writer, kind, ident, entries[n:]))
+        reader = DirectoryReader(str(directory))
+        assert _slow(directory) == _fast(reader)
+        for writer, kind, ident, entries in late:
+            if writer is None:
+                write_data_file(directory, kind, ident, entries)
+            else:
+                _append(writer, entries)
+        found = reader.read_text(frozenset(), frozenset())
+        expected = _slow(directory)
+        if found.text is not None:
+            assert expected == found.text.encode("utf-8")
+        assert expected == _fast(reader)
+    finally:
+        for writer in opened:
+            writer.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def test_lines_keep_one_order_whatever_the_files_order(tmp_path: Path) -> None:
+    """Families by name, samples by label set, whatever order workers made them in and
+    whichever worker joins: the slow and the fast path print the same sorted text."""
+    fds = [live_owner(tmp_path, f"{40000 + w}-{w:08x}") for w in range(3)]
+    try:
+        write_data_file(tmp_path, "counter", "40000-00000000",
+                        [("z", "z_total", {"a": "y"}, 1.0, 1.0),
+                         ("y", "y_total", {}, 2.0, 1.0),
+                         ("z", "z_total", {"a": "x"}, 3.0, 1.0)])
+        write_data_file(tmp_path, "histogram", "40000-00000000",
+                        [("h", "h_bucket", {"a": "y", "le": "+Inf"}, 1.0, 1.0),
+                         ("h", "h_sum", {"a": "y"}, 1.0, 1.0),
+                         ("h", "h_bucket", {"a": "x", "le": "+Inf"}, 1.0, 1.0),
+                         ("h", "h_sum", {"a": "x"}, 1.0, 1.0)])
+        reader = DirectoryReader(str(tmp_path))
+        text = _fast(reader)
+        assert _slow(tmp_path) == text
+        lines = [line for line in text.decode().splitlines() if not line.startswith("#")]
+        assert ['h_sum{a="x"} 1.0', 'h_sum{a="y"} 1.0',
+                'h_bucket{a="x",le="+Inf"} 1.0', 'h_count{a="x"} 1.0',
+                'h_bucket{a="y",le="+Inf"} 1.0', 'h_count{a="y"} 1.0'] == [
+            line for line in lines if line.startswith("h_")]
+        names = [line.split(" ")[2] for line in text.decode().splitlines()
+                 if line.startswith("# TYPE")]
+        assert sorted(names) == names
+        assert ['z_total{a="x"} 3.0', 'z_total{a="y"} 1.0'] == [
+            line for line in lines if line.startswith("z_")]
+        # A second worker writes the same samples in the other order: nothing moves.
+        write_data_file(tmp_path, "counter", "40001-00000001",
+                        [("z", "z_total", {"a": "x"}, 1.0, 2.0),
+                         ("z", "z_total", {"a": "y"}, 1.0, 2.0)])
+        text = _fast(reader)
+        assert _slow(tmp_path) == text
+        lines = [line for line in text.decode().splitlines() if line.startswith("z_")]
+        assert ['z_total{a="x"} 4.0', 'z_total{a="y"} 2.0'] == lines
     finally:
         for fd in fds:
             os.close(fd)

@@ -17,6 +17,10 @@ from ._names import DataFile
 SampleKey = tuple[str, Labels]
 
 
+def _by_labels(sk: SampleKey) -> tuple[Labels, str]:
+    return sk[1], sk[0]
+
+
 def bucket_bound(value: float) -> str:
     # prometheus_client.utils.floatToGoString, for the values a bucket bound can take.
     if value == float("inf"):
@@ -79,8 +83,10 @@ class Family:
         return sk
 
     def order(self) -> tuple[list[SampleKey], list[tuple[Labels, list[SampleKey]]]]:
-        """The samples in exposition order: the plain ones, then each histogram label
-        set's buckets by bound (followed by its ``_count``)."""
+        """The samples in exposition order: the plain ones by label set (then name), then
+        each histogram label set's buckets by bound (followed by its ``_count``), label
+        sets in sorted order. The order depends on the samples alone, never on the files'
+        order, so a scrape's lines stay in place as workers come and go."""
         plain: list[SampleKey] = []
         groups: dict[Labels, list[tuple[float, SampleKey]]] = {}
         buckets = self.buckets
@@ -90,8 +96,9 @@ class Family:
                 plain.append(sk)
             else:
                 groups.setdefault(bucket[0], []).append((bucket[1], sk))
+        plain.sort(key=_by_labels)
         return plain, [(labels, [sk for _bound, sk in sorted(bounds, key=lambda b: b[0])])
-                       for labels, bounds in groups.items()]
+                       for labels, bounds in sorted(groups.items())]
 
     def metric(self, name: str, created: bool = False) -> Metric:
         """The family as a prometheus_client Metric; ``created`` adds ``_created`` samples
@@ -115,7 +122,7 @@ class Family:
                     if ts < first.get(labels, float("inf")):
                         first[labels] = ts
             samples.extend(Sample(name + "_created", dict(labels), ts)
-                           for labels, ts in first.items())
+                           for labels, ts in sorted(first.items()))
         for labels, sks in groups:
             acc = 0.0
             for sk in sks:
@@ -141,7 +148,7 @@ class Family:
                 continue
             if ts >= newest.get(base, (-1.0, None))[0]:
                 newest[base] = (ts, Sample(sample, {**dict(base), **info}, 1.0))
-        samples.extend(found for _ts, found in newest.values())
+        samples.extend(newest[base][1] for base in sorted(newest))
 
 
 INFO_LABEL = "__info__"

@@ -146,7 +146,7 @@ class DirectoryReader:
             families = self._families(self._consistent(report, None))
             report.duration = time.perf_counter() - started
             self.last = report
-            return [fam.metric(name, created) for name, fam in families.items()], report
+            return [fam.metric(name, created) for name, fam in sorted(families.items())], report
 
     def read_text(self, wanted: frozenset[str], excluded: frozenset[str]) -> TextRead:
         """The directory in the Prometheus text format (0.0.4), as ``generate_latest`` of
@@ -160,7 +160,8 @@ class DirectoryReader:
             snapshot = self._consistent(report, [])
             found = self._text.render(snapshot, wanted, excluded, self._tombstones)
             if found is None:
-                metrics = [fam.metric(name) for name, fam in self._families(snapshot).items()]
+                metrics = [fam.metric(name)
+                           for name, fam in sorted(self._families(snapshot).items())]
                 result = TextRead(None, metrics, report)
             else:
                 result = TextRead(found[0], found[1], report)

@@ -234,7 +234,7 @@ class TextPlanner:
                 plan.metrics.add(key.metric)
             entry_keys.append(keys)
         slot_of: dict[tuple[str, SampleKey], int] = {}
-        for name, family in families.items():
+        for name, family in sorted(families.items()):
             if family.rule != SUM or family.typ in ("info", "stateset"):
                 archived = snapshot.archive.get(name)
                 plan.statics[name] = archived.copy() if archived else family.empty()
