@@ -267,8 +267,7 @@ def ours_ops() -> dict[str, Callable[[], object]]:
     def chat() -> None:
         # What the reference app does for POST /chat with two tools and a cached selection:
         # the request tracker (Flask, WSGI, ASGI) around app/coordinator.py and app/llm.py.
-        request = RequestTracker("POST")
-        request.begin()
+        request = RequestTracker("POST")  # in flight from here
         with track_coordinator("ToolCoordinator"):
             record_cache_hit("tool_selection")
             with track_tool("read_file"):

@@ -11,6 +11,7 @@ import importlib.metadata
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 import prometheus_client
@@ -237,11 +238,41 @@ def adder(metric: Any) -> Callable[[float], None]:
     return metric.inc if value is None else value.inc  # type: ignore[no-any-return]
 
 
+def incrementer(metric: Any, amount: float) -> Callable[[], None]:
+    """A call adding ``amount`` to ``metric`` (a counter or gauge child): its value class's
+    ``add_each`` with the arguments bound where :func:`value_of` and :func:`batch_adder`
+    allow (a C call, no Python frame, with the optional extension), ``inc`` otherwise."""
+    value = value_of(metric)
+    add = batch_adder([value]) if value is not None else None
+    if add is None:
+        return partial(metric.inc if value is None else value.inc, amount)
+    return partial(add, (value,), (float(amount),))
+
+
 def batch_adder(values: list[Any]) -> Callable[[tuple[Any, ...], tuple[float, ...]], None] | None:
     """``add(values, amounts)`` incrementing several values under one lock, when their
     value class has it (ours in multiprocess mode, ``add_each``); None otherwise."""
     kinds = {type(value) for value in values}
     return getattr(kinds.pop(), "add_each", None) if len(kinds) == 1 else None
+
+
+def ending(
+    parts: tuple[list[float], list[Any], Any] | None, value: Any
+) -> Callable[[float], None] | None:
+    """``end(amount)``: ``observe(amount)`` on :func:`histogram_parts` ``parts`` and -1 on
+    ``value`` (from :func:`value_of`) under one lock, when their value class has
+    ``observe_and_add`` (ours in multiprocess mode); None otherwise. ``amount`` must not
+    be NaN (it has no bucket)."""
+    if parts is None or value is None:
+        return None
+    bounds, buckets, total = parts
+    values = (total, *buckets, value)
+    if len({type(v) for v in values}) != 1:
+        return None
+    observe = getattr(type(value), "observe_and_add", None)
+    if observe is None:
+        return None
+    return partial(observe, values, tuple(float(b) for b in bounds), -1.0)
 
 
 def histogram_parts(metric: Any) -> tuple[list[float], list[Any], Any] | None:

@@ -81,7 +81,6 @@ class MetricsMiddleware:
             return
         tracker = RequestTracker(scope.get("method", ""), _header(scope, b"traceparent"))
         root_path = scope.get("root_path", "")
-        tracker.begin()
 
         async def tracked_send(message: Message) -> None:
             kind = message["type"]

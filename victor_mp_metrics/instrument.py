@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal
@@ -28,7 +27,7 @@ import psutil
 
 from . import _compat, _runtime
 from ._metrics import NoopMetric
-from .catalog import SINGLETON, get_catalog
+from .catalog import get_catalog
 
 _perf = time.perf_counter
 log = logging.getLogger("victor_mp_metrics")
@@ -256,18 +255,17 @@ def track_request_in_flight() -> InFlight:
 
 class _RequestChildren:
     """The catalog children of one (endpoint, method), looked up once, written directly
-    (:mod:`._compat`: the same writes as ``inc()``/``observe()`` without their checks)."""
+    (:mod:`._compat`: the same writes as ``inc()``/``observe()`` without their checks).
+    ``end(duration_ms)``, when the value class allows, observes the duration and takes the
+    request out of the in-flight gauge (``gauge``) under one lock (:func:`._compat.ending`)."""
 
-    __slots__ = ("add", "count", "duration", "gauge", "parts")
+    __slots__ = ("count", "duration", "end", "parts")
 
     def __init__(self, catalog: Any, endpoint: str, method: str, gauge: Any) -> None:
-        self.count = _compat.adder(catalog.requests_total.labels(endpoint, method))
+        self.count = _compat.incrementer(catalog.requests_total.labels(endpoint, method), 1.0)
         self.duration = catalog.request_duration_ms.labels(endpoint, method)
         self.parts = _compat.histogram_parts(self.duration)
-        self.gauge = gauge  # the in-flight gauge's value, or None
-        self.add = None
-        if self.parts is not None and gauge is not None:
-            self.add = _compat.batch_adder([self.parts[2], *self.parts[1], gauge])
+        self.end = _compat.ending(self.parts, gauge)
 
     def observe(self, duration_ms: float, exemplar: dict[str, str] | None) -> None:
         if exemplar is None and self.parts is not None:
@@ -275,30 +273,19 @@ class _RequestChildren:
         else:
             self.duration.observe(duration_ms, exemplar)
 
-    def finish(self, duration_ms: float, exemplar: dict[str, str] | None,
-               in_flight: Callable[[float], None]) -> None:
-        """Observe the duration, then take the request out of the in-flight gauge: under
-        one lock when the value class allows (a scrape never sees one without the other)."""
-        add = self.add
-        if add is None or exemplar is not None or duration_ms != duration_ms:
-            self.observe(duration_ms, exemplar)
-            in_flight(-1.0)
-            return
-        parts = self.parts
-        assert parts is not None  # add is made only with them
-        add((parts[2], _compat.bucket(parts, duration_ms), self.gauge), (duration_ms, 1.0, -1.0))
-
 
 class _RequestMetrics:
-    """The request metrics of one catalog: the in-flight gauge's adder and the children
-    of each (endpoint, method), bounded in practice by route templates x nine methods."""
+    """The request metrics of one catalog: the in-flight gauge's +1 and -1 and the
+    children of each (endpoint, method), bounded in practice by route templates x nine
+    methods."""
 
-    __slots__ = ("catalog", "children", "errors", "gauge", "in_flight")
+    __slots__ = ("catalog", "children", "enter", "errors", "gauge", "leave")
 
     def __init__(self, catalog: Any) -> None:
         self.catalog = catalog
         self.children: dict[tuple[str, str], _RequestChildren] = {}
-        self.in_flight = _compat.adder(catalog.active_connections)
+        self.enter = _compat.incrementer(catalog.active_connections, 1.0)
+        self.leave = _compat.incrementer(catalog.active_connections, -1.0)
         self.gauge = _compat.value_of(catalog.active_connections)
         self.errors = catalog.request_errors_total
 
@@ -312,23 +299,21 @@ class _RequestMetrics:
     def count(self, endpoint: str, method: str, status: int,
               error_type: str | None) -> _RequestChildren:
         """Count one answered request (see :func:`record_request`); its children."""
-        children = self.of(endpoint, method)
-        children.count(1.0)
+        children = self.children.get((endpoint, method)) or self.of(endpoint, method)
+        children.count()
         if status >= 400 or error_type is not None:
             self.errors.labels(endpoint, method,
                                error_type or error_type_for_status(status)).inc()
         return children
 
 
-_current: list[_RequestMetrics | None] = [None]  # of the catalog in use
+_REQUESTS = "request_metrics"  # the runtime's name of this process's _RequestMetrics
 
 
 def _request_metrics() -> _RequestMetrics:
-    """This process's request metrics (made anew when the catalog is, after ``reset()``)."""
-    current = _current[0]
-    if current is None or current.catalog is not _runtime.RUNTIME.singletons.get(SINGLETON):
-        current = _current[0] = _RequestMetrics(get_catalog())
-    return current
+    """This process's request metrics: a runtime singleton, made anew with the catalog
+    after ``reset()`` (which forgets both)."""
+    return _runtime.singleton(_REQUESTS, lambda: _RequestMetrics(get_catalog()))
 
 
 OTHER_METHOD = "OTHER"
@@ -338,7 +323,7 @@ STANDARD_METHODS = frozenset(
 
 
 class RequestTracker:
-    """One request of any integration: in flight from :meth:`begin`, counted once by
+    """One request of any integration: in flight from its creation, counted once by
     :meth:`answered`, timed until :meth:`end` (idempotent). Recording errors are logged,
     never raised. Methods outside the standard nine are recorded as ``OTHER``.
 
@@ -349,18 +334,17 @@ class RequestTracker:
     __slots__ = ("children", "done", "endpoint", "exemplar", "method", "metrics", "started")
 
     def __init__(self, method: str, traceparent: str | None = None) -> None:
+        """A request of ``method`` arriving now: in flight from here."""
         self.method = method if method in STANDARD_METHODS else OTHER_METHOD
         self.endpoint: str | None = None
         self.done = False
-        self.started = 0.0
-        self.metrics: _RequestMetrics | None = None
         self.children: _RequestChildren | None = None
         self.exemplar = trace_exemplar(traceparent) if traceparent else None
-
-    def begin(self) -> None:
+        self.metrics: _RequestMetrics | None = None
         try:
-            metrics = self.metrics = _request_metrics()
-            metrics.in_flight(1.0)
+            metrics = self.metrics = (_runtime.RUNTIME.singletons.get(_REQUESTS)
+                                      or _request_metrics())
+            metrics.enter()
         except Exception:
             log.exception("victor_mp_metrics: could not count the request in flight")
         if self.exemplar is not None:
@@ -375,8 +359,13 @@ class RequestTracker:
         self.endpoint = endpoint
         try:
             metrics = self.metrics or _request_metrics()
-            self.children = metrics.count(endpoint, self.method, status,
-                                          error_type if status >= 400 else None)
+            children = metrics.children.get((endpoint, self.method))
+            if children is None or status >= 400:
+                children = metrics.count(endpoint, self.method, status,
+                                         error_type if status >= 400 else None)
+            else:  # the common case of count(): one known route's success
+                children.count()
+            self.children = children
         except Exception:
             log.exception("victor_mp_metrics: could not record request metrics")
 
@@ -386,12 +375,14 @@ class RequestTracker:
         self.done = True
         elapsed_ms = (_perf() - self.started) * 1000.0
         try:
-            metrics = self.metrics or _request_metrics()  # the gauge begin() counted in
             children = self.children
             if children is None:
-                metrics.in_flight(-1.0)
-            else:  # timed before it leaves the in-flight gauge
-                children.finish(elapsed_ms, self.exemplar, metrics.in_flight)
+                (self.metrics or _request_metrics()).leave()  # the gauge __init__ counted in
+            elif children.end is None or self.exemplar is not None or elapsed_ms != elapsed_ms:
+                children.observe(elapsed_ms, self.exemplar)  # timed before it leaves
+                (self.metrics or _request_metrics()).leave()
+            else:  # the same under one lock: a scrape never sees one without the other
+                children.end(elapsed_ms)
         except Exception:
             log.exception("victor_mp_metrics: could not record request metrics")
         if self.exemplar is not None:

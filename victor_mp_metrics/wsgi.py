@@ -82,7 +82,6 @@ class MetricsMiddleware:
         if not self.enabled or environ.get("PATH_INFO", "") in self.excluded:
             return self.app(environ, start_response)
         request = _Request(environ.get("REQUEST_METHOD", ""), environ.get("HTTP_TRACEPARENT"))
-        request.begin()
         request.environ = environ
         request.start_response = start_response
         request.middleware = self
@@ -90,7 +89,8 @@ class MetricsMiddleware:
             request.body = self.app(environ, request.capture)
         except BaseException as exc:
             environ.setdefault(ERROR_TYPE_KEY, instrument.error_type_of(exc))
-            request.answer(500)
+            if request.endpoint is None:
+                request.answered(self.endpoint_of(environ), 500, environ[ERROR_TYPE_KEY])
             request.end()
             raise
         return request
@@ -119,15 +119,13 @@ class _Request(RequestTracker):
     start_response: Callable[..., Any]
 
     def capture(self, status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
-        self.answer(int(status[:3]))
-        return self.start_response(status, headers, *exc_info)
-
-    def answer(self, status: int) -> None:
-        """Count the request with ``status`` on its route, unless it is counted already."""
+        """The app's ``start_response``: count the request (unless it is counted already:
+        a second call with ``exc_info``), then hand the response to the server."""
         if self.endpoint is None:
             environ = self.environ
-            self.answered(self.middleware.endpoint_of(environ), status,
+            self.answered(self.middleware.endpoint_of(environ), int(status[:3]),
                           environ.get(ERROR_TYPE_KEY))
+        return self.start_response(status, headers, *exc_info)
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.body)

@@ -22,6 +22,11 @@ The watchdog thread (one per process, every :data:`WATCHDOG_INTERVAL` seconds) a
 the samplers the runtime registers (``Gauge.set_function``, process metrics) and applies
 new tombstones to this process's own values.
 
+``FileValue.add_each`` and ``FileValue.observe_and_add`` (several values under one
+acquisition of the lock: the request path's writes) are the C functions of ``_speedups``
+when the optional extension was built, the Python functions ``*_in_python`` otherwise;
+both make the same float additions in the same order (a property test holds them equal).
+
 The store reports (``write_errors``, :meth:`ProcessStore.take_write_errors`); the runtime
 counts them in ``victor_metrics_write_errors_total``.
 """
@@ -35,6 +40,7 @@ import os
 import struct
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +60,11 @@ from ._fs import create_atomically, ensure_directory
 from ._liveness import create_owner_file, owner_file_intact
 from ._names import EXEMPLARS_SUFFIX, data_name, new_ident
 from ._tombstones import EMPTY, Tombstones, read_tombstones
+
+try:
+    from . import _speedups  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: the Python add_each below
+    _speedups = None
 
 log = logging.getLogger("victor_mp_metrics")
 
@@ -419,16 +430,10 @@ def make_value_class(store: ProcessStore) -> type:
                 if f is not None:  # the stamp beside it was written when the slot was had
                     f.doubles[self._index] = self._value
 
-        @staticmethod
-        def add_each(values: tuple[FileValue, ...], amounts: tuple[float, ...]) -> None:
-            """``values[i].inc(amounts[i])`` for each i, under one acquisition of the lock
-            (a request's end: its duration's sum and bucket, and the in-flight gauge)."""
-            with cell[0]:
-                for value, amount in zip(values, amounts, strict=True):
-                    value._value += amount
-                    f = value._file
-                    if f is not None:
-                        f.doubles[value._index] = value._value
+        add_each = staticmethod(add_each_in_python if _speedups is None
+                                else _speedups.add_each)
+        observe_and_add = staticmethod(observe_and_add_in_python if _speedups is None
+                                       else _speedups.observe_and_add)
 
         def set(self, value: float, timestamp: float | None = None) -> None:
             with cell[0]:
@@ -456,6 +461,28 @@ def make_value_class(store: ProcessStore) -> type:
     return FileValue
 
 
+def add_each_in_python(values: tuple[Any, ...], amounts: tuple[float, ...]) -> None:
+    """``values[i].inc(amounts[i])`` for each i, under one acquisition of the lock (a
+    request's start, count or end: its duration's sum and bucket and the in-flight
+    gauge); what ``_speedups.add_each`` does in C."""
+    with _lock_cell[0]:
+        for value, amount in zip(values, amounts, strict=True):
+            value._value += amount
+            f = value._file
+            if f is not None:
+                f.doubles[value._index] = value._value
+
+
+def observe_and_add_in_python(values: tuple[Any, ...], bounds: tuple[float, ...],
+                              extra: float, amount: float) -> None:
+    """One histogram observation and one more addition under one acquisition of the lock:
+    ``values`` are (sum, bucket 0, ..., bucket n-1, other); ``amount`` goes to the sum and
+    (+1) to the bucket of the first bound >= it, ``extra`` to the other (a request's end:
+    its duration and the in-flight gauge's -1); what ``_speedups.observe_and_add`` does."""
+    bucket = values[1 + bisect_left(bounds, amount)]
+    add_each_in_python((values[0], bucket, values[-1]), (amount, 1.0, extra))
+
+
 def _encode_key(metric_name: str, name: str, labelnames: Any, labelvalues: Any,
                 help_text: str) -> str:
     return encode_key(metric_name, name, dict(zip(labelnames, labelvalues, strict=False)),
@@ -463,6 +490,8 @@ def _encode_key(metric_name: str, name: str, labelnames: Any, labelvalues: Any,
 
 
 _lock_cell: list[threading.Lock] = [threading.Lock()]
+if _speedups is not None:
+    _speedups.bind(_lock_cell)
 
 
 def bind_lock(store: ProcessStore) -> None:
