@@ -9,7 +9,8 @@ Invariants (what the master's metrics port relies on):
   evicts the oldest connection that has no request in progress (a client that has not
   finished its headers, an idle keep-alive, a TLS handshake); when every connection is busy
   the new one is answered ``503`` (plain HTTP only) and closed at once. Accepting never stops
-  for long, so the kernel's listen queue never fills.
+  for long and the listen queue holds 2,048 (or the kernel's ``somaxconn``), so a burst of
+  connections is never dropped half-open by the kernel.
 * Time: every connection that is not waiting for the handler has a deadline: complete
   request headers (and the TLS handshake) within ``header_timeout`` of being accepted or of
   its first byte after a keep-alive pause, a keep-alive pause of at most ``idle_timeout``,
@@ -827,7 +828,10 @@ def serve(
         raise ValueError("header_timeout and idle_timeout must be > 0 seconds")
     if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
         raise TypeError("ssl_context must be an ssl.SSLContext")
-    listener = _listen(host, port, backlog=min(socket.SOMAXCONN, 128))
+    # A burst of connects must never overflow the kernel's listen queue while the selector
+    # thread is busy: a connection dropped there lingers half-open on the client side until
+    # SYN-ACK retransmits bring it in (seconds to a minute). Gunicorn listens with 2048.
+    listener = _listen(host, port, backlog=min(socket.SOMAXCONN, 2048))
     try:
         return ServerHandle(
             handler, listener, ssl_context=ssl_context, max_connections=max_connections,
