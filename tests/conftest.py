@@ -32,3 +32,20 @@ def metrics_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(path))
     _runtime.configure()
     return path
+
+
+@pytest.fixture(params=["C", "Python"])
+def wsgi_request_implementation(request: pytest.FixtureRequest,
+                                monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each implementation of a WSGI request: the C extension's
+    (``_wsgi_request.Request``, the default when built) and the Python ``wsgi._Request``."""
+    from victor_mp_metrics import wsgi
+
+    if request.param == "Python":
+        monkeypatch.setattr(wsgi, "_FastRequest", None)
+    elif wsgi._FastRequest is None:
+        if os.environ.get("CI"):
+            pytest.fail("the C extension victor_mp_metrics._wsgi_request was not built; "
+                        ".ci/run installs gcc so that `pip install -e .` builds it")
+        pytest.skip("built without the C extensions (no C compiler at install)")
+    return str(request.param)

@@ -10,6 +10,9 @@ from victor_mp_metrics.flask_ext import VictorMetrics, error_type_for_status, se
 
 from ._dirs import samples
 
+# Every test here runs with the C and the Python WSGI request (see conftest).
+pytestmark = pytest.mark.usefixtures("wsgi_request_implementation")
+
 
 def _app(**config) -> Flask:
     app = Flask(__name__)

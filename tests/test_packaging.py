@@ -194,7 +194,7 @@ def test_sdist_has_every_module_py_typed_readme_and_metadata(packaged: Packaged)
         pkg_info = member.read().decode()
     assert set() == source_modules() - names, "package files missing from the sdist"
     assert {"README.md", "pyproject.toml", "PKG-INFO", "setup.py",
-            f"{PACKAGE}/_mpdir/_speedups.c"} <= names
+            f"{PACKAGE}/_mpdir/_speedups.c", f"{PACKAGE}/_wsgi_request.c"} <= names
     # A license file, if the checkout has one, must ship; the declared license always does.
     licenses = {path.name for path in ROOT.glob("LICEN[CS]E*")}
     assert set() == licenses - names
@@ -205,7 +205,7 @@ def test_sdist_has_every_module_py_typed_readme_and_metadata(packaged: Packaged)
 def test_wheel_has_every_module_py_typed_entry_point_and_dependencies(
     packaged: Packaged,
 ) -> None:
-    """The wheel holds every package file, the compiled request-path module (this Python's
+    """The wheel holds every package file, the compiled request-path modules (this Python's
     wheel, built where a C compiler is), the console script and pyproject's dependencies."""
     tag = "cp{0}{1}-cp{0}{1}-".format(*sys.version_info[:2])
     assert packaged.wheel.name.startswith(f"{DIST_NAME}-{VERSION}-{tag}")
@@ -215,8 +215,9 @@ def test_wheel_has_every_module_py_typed_entry_point_and_dependencies(
         metadata = wheel.read(f"{dist_info}/METADATA").decode()
         entry_points = wheel.read(f"{dist_info}/entry_points.txt").decode()
     assert set() == source_modules() - names, "package files missing from the wheel"
-    assert [n for n in names if n.startswith(f"{PACKAGE}/_mpdir/_speedups.") and
-            n.endswith(".so")], "the C extension is missing from the wheel"
+    for module in ("_mpdir/_speedups.", "_wsgi_request."):
+        assert [n for n in names if n.startswith(f"{PACKAGE}/{module}") and
+                n.endswith(".so")], f"the C extension {module} is missing from the wheel"
     outside = sorted({n.split("/")[0] for n in names} - {PACKAGE, dist_info})
     assert [] == outside, "the wheel installs more than the package"
     assert "victor-metrics = victor_mp_metrics.cli:main" in entry_points

@@ -19,6 +19,9 @@ from victor_mp_metrics.wsgi import MetricsMiddleware, set_endpoint
 from ._dirs import samples
 from ._tools import require_module
 
+# Every test here runs with the C and the Python WSGI request (see conftest).
+pytestmark = pytest.mark.usefixtures("wsgi_request_implementation")
+
 Labels = tuple[tuple[str, str], ...]
 
 

@@ -51,6 +51,7 @@ class Runtime:
         self.store: _mpdir.ProcessStore | None = None
         self.registry: CollectorRegistry | None = None
         self.counters: dict[str, Any] = {}
+        # Cleared by reset(), never replaced: the C request (_wsgi_request) holds it.
         self.singletons: dict[str, Any] = {}
         self.readers: dict[str, _mpdir.DirectoryReader] = {}
         self.compactor: Stoppable | None = None

@@ -322,6 +322,19 @@ STANDARD_METHODS = frozenset(
 )
 
 
+def _log_failure(message: str, exc: BaseException) -> None:
+    log.error(message, exc_info=exc)
+
+
+try:  # the optional C twin of wsgi's request (see wsgi._Request), bound to this life cycle
+    from . import _wsgi_request  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: wsgi uses its Python request
+    pass
+else:
+    _wsgi_request.bind(STANDARD_METHODS, OTHER_METHOD, _runtime.RUNTIME.singletons,
+                       _REQUESTS, _request_metrics, _log_failure)
+
+
 class RequestTracker:
     """One request of any integration: in flight from its creation, counted once by
     :meth:`answered`, timed until :meth:`end` (idempotent). Recording errors are logged,

@@ -46,6 +46,15 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 RouteOf = Callable[[dict[str, Any]], str | None]
 _DJANGO_FAILURE = "victor_mp_metrics.django_exception"
 
+_FastRequest: Any = None  # _wsgi_request.Request: _Request in C, when it was built
+try:
+    from . import _wsgi_request  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler
+    pass
+else:
+    _wsgi_request.set_error_type_key(ERROR_TYPE_KEY)
+    _FastRequest = _wsgi_request.Request
+
 
 def set_endpoint(environ: MutableMapping[str, Any], template: str) -> None:
     """Name the route template of this request (a WSGI environ or an ASGI scope)."""
@@ -81,10 +90,16 @@ class MetricsMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if not self.enabled or environ.get("PATH_INFO", "") in self.excluded:
             return self.app(environ, start_response)
-        request = _Request(environ.get("REQUEST_METHOD", ""), environ.get("HTTP_TRACEPARENT"))
-        request.environ = environ
-        request.start_response = start_response
-        request.middleware = self
+        traceparent = environ.get("HTTP_TRACEPARENT")
+        request: Any
+        if traceparent is None and _FastRequest is not None:
+            request = _FastRequest(environ.get("REQUEST_METHOD", ""), environ, start_response,
+                                   self)
+        else:  # an exemplar to attach, or no C: the same request in Python
+            request = _Request(environ.get("REQUEST_METHOD", ""), traceparent)
+            request.environ = environ
+            request.start_response = start_response
+            request.middleware = self
         try:
             request.body = self.app(environ, request.capture)
         except BaseException as exc:
@@ -109,7 +124,11 @@ class MetricsMiddleware:
 class _Request(RequestTracker):
     """One WSGI request: its tracker, the ``start_response`` the app calls (counting the
     request) and the response iterable the server gets (ending it on ``close()``). One
-    object per request, not three: the request path's cost is its frames and objects."""
+    object per request, not three: the request path's cost is its frames and objects.
+
+    ``_wsgi_request.Request`` (optional C extension) is the same object in C, used for
+    requests without a ``traceparent``; ``tests/test_wsgi_asgi.py`` and
+    ``tests/test_flask_ext.py`` run against both."""
 
     __slots__ = ("body", "environ", "middleware", "start_response")
 
