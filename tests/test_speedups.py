@@ -197,3 +197,43 @@ def test_flask_requests_count_exactly_through_the_c_path(metrics_dir: Path) -> N
     assert 25.0 == found[("victor_request_duration_ms_count",
                           (("endpoint", "/ping"), ("method", "GET")))]
     assert 0.0 == found[("victor_active_connections", ())]
+
+
+def test_without_the_c_extensions_everything_runs_in_python(tmp_path: Path) -> None:
+    """A machine without a C compiler: both modules missing, the Python twins count the
+    same requests exactly (a subprocess where importing them fails, as when not built)."""
+    import subprocess
+    import sys
+
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o700)
+    script = f"""
+import sys
+sys.modules["victor_mp_metrics._mpdir._speedups"] = None  # import fails: not built
+sys.modules["victor_mp_metrics._wsgi_request"] = None
+from flask import Flask
+from victor_mp_metrics import _runtime, wsgi
+from victor_mp_metrics._mpdir import _writer
+from victor_mp_metrics.flask_ext import VictorMetrics
+assert wsgi._FastRequest is None and _writer._speedups is None
+_runtime.configure()
+app = Flask("t")
+app.get("/ping")(lambda: "pong")
+VictorMetrics(app)
+client = app.test_client()
+for _ in range(30):
+    assert client.get("/ping", buffered=True).status_code == 200
+assert client.get("/nope", buffered=True).status_code == 404
+from victor_mp_metrics.catalog import get_catalog
+assert 0.0 == get_catalog().active_connections._value.get()  # live only: read it alive
+"""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert 0 == result.returncode, result.stderr
+    found = ours(directory)
+    assert 30.0 == found[("victor_requests_total", (("endpoint", "/ping"), ("method", "GET")))]
+    assert 30.0 == found[("victor_request_duration_ms_count",
+                          (("endpoint", "/ping"), ("method", "GET")))]
+    assert 1.0 == found[("victor_request_errors_total", (
+        ("endpoint", "<unmatched>"), ("error_type", "not_found"), ("method", "GET")))]

@@ -12,6 +12,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from functools import partial
+from types import BuiltinFunctionType
 from typing import Any, Protocol
 
 import prometheus_client
@@ -240,13 +241,16 @@ def adder(metric: Any) -> Callable[[float], None]:
 
 def incrementer(metric: Any, amount: float) -> Callable[[], None]:
     """A call adding ``amount`` to ``metric`` (a counter or gauge child): its value class's
-    ``add_each`` with the arguments bound where :func:`value_of` and :func:`batch_adder`
-    allow (a C call, no Python frame, with the optional extension), ``inc`` otherwise."""
+    ``add_each`` with the arguments bound when that is a C function (no Python frame at
+    all, with the optional extension), else its value's ``inc`` (:func:`value_of`), else
+    the metric's own checked ``inc``."""
     value = value_of(metric)
-    add = batch_adder([value]) if value is not None else None
-    if add is None:
-        return partial(metric.inc if value is None else value.inc, amount)
-    return partial(add, (value,), (float(amount),))
+    if value is None:
+        return partial(metric.inc, amount)
+    add = batch_adder([value])
+    if isinstance(add, BuiltinFunctionType):
+        return partial(add, (value,), (float(amount),))
+    return partial(value.inc, amount)
 
 
 def batch_adder(values: list[Any]) -> Callable[[tuple[Any, ...], tuple[float, ...]], None] | None:

@@ -17,7 +17,8 @@ Labels carry the route template, never the raw path. The template is, first that
 and :class:`FalconRouteMiddleware`), then what the ``route`` callable given to the
 middleware returns; otherwise ``<unmatched>``. Methods outside the standard nine are
 ``OTHER``. :class:`.instrument.RequestTracker` is the one implementation of this life
-cycle, shared by the ASGI middleware (:mod:`.asgi`).
+cycle, shared by the ASGI middleware (:mod:`.asgi`); ``_wsgi_request.Request`` (an optional
+C extension) is the WSGI request object in C, for requests without a ``traceparent``.
 """
 
 from __future__ import annotations
