@@ -207,7 +207,7 @@ def test_without_the_c_extensions_everything_runs_in_python(tmp_path: Path) -> N
 
     directory = tmp_path / "metrics"
     directory.mkdir(mode=0o700)
-    script = f"""
+    script = """
 import sys
 sys.modules["victor_mp_metrics._mpdir._speedups"] = None  # import fails: not built
 sys.modules["victor_mp_metrics._wsgi_request"] = None

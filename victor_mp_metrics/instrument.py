@@ -327,12 +327,12 @@ def _log_failure(message: str, exc: BaseException) -> None:
 
 
 try:  # the optional C twin of wsgi's request (see wsgi._Request), bound to this life cycle
-    from . import _wsgi_request  # type: ignore[attr-defined]
+    from ._wsgi_request import bind as _bind_c_request
 except ImportError:  # built without a C compiler: wsgi uses its Python request
     pass
 else:
-    _wsgi_request.bind(STANDARD_METHODS, OTHER_METHOD, _runtime.RUNTIME.singletons,
-                       _REQUESTS, _request_metrics, _log_failure)
+    _bind_c_request(STANDARD_METHODS, OTHER_METHOD, _runtime.RUNTIME.singletons, _REQUESTS,
+                    _request_metrics, _log_failure)
 
 
 class RequestTracker:

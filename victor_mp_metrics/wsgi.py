@@ -49,12 +49,13 @@ _DJANGO_FAILURE = "victor_mp_metrics.django_exception"
 
 _FastRequest: Any = None  # _wsgi_request.Request: _Request in C, when it was built
 try:
-    from . import _wsgi_request  # type: ignore[attr-defined]
+    from ._wsgi_request import Request as _CRequest
+    from ._wsgi_request import set_error_type_key as _set_error_type_key
 except ImportError:  # built without a C compiler
     pass
 else:
-    _wsgi_request.set_error_type_key(ERROR_TYPE_KEY)
-    _FastRequest = _wsgi_request.Request
+    _set_error_type_key(ERROR_TYPE_KEY)
+    _FastRequest = _CRequest
 
 
 def set_endpoint(environ: MutableMapping[str, Any], template: str) -> None:
