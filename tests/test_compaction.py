@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from victor_mp_metrics import _mpdir
-from victor_mp_metrics._mpdir import FAULT_POINTS, compact, read_manifest, recover, wipe_dead
+from victor_mp_metrics._mpdir import (
+    FAULT_POINTS,
+    compact,
+    on_grid,
+    read_manifest,
+    recover,
+    wipe_dead,
+)
 
-from ._dirs import data_files, live_owner, ours, stock
+from ._dirs import data_files, live_owner, ours, stock, write_data_file
 
 WRITER = textwrap.dedent(
     """
@@ -243,3 +254,42 @@ def test_archive_caps_label_sets_per_metric_and_keeps_totals(tmp_path: Path):
     run_writers(tmp_path, [2])
     compact(str(tmp_path), max_series=5)
     assert 6 == len([k for k in ours(tmp_path) if k[0] == "req_total"])
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.floats(min_value=0.0, max_value=1e6), min_size=2, max_size=8),
+       dead=st.sets(st.integers(0, 7)))
+def test_a_sum_on_the_grid_reads_the_same_bits_after_compaction(tmp_path_factory, values,
+                                                                dead):
+    """Writers' counter values on on_grid's binary grid (as the library writes CPU seconds
+    and durations): compaction moving dead writers' values into the archive regroups the
+    sum, and the total reads the same bits before and after (no 1-ulp decrease, which
+    Prometheus would take for a counter reset)."""
+    directory = tmp_path_factory.mktemp("grid")
+    fds = {}
+    for w, value in enumerate(values):
+        ident = f"{50000 + w}-{w:08x}"
+        fds[w] = live_owner(directory, ident)
+        write_data_file(directory, "counter", ident,
+                        [("cpu", "cpu_total", {}, on_grid(value), 1.0)])
+    before = ours(directory)[("cpu_total", ())]
+    for w in dead & set(fds):
+        os.close(fds.pop(w))
+    compact(str(directory))
+    after = ours(directory)[("cpu_total", ())]
+    assert struct.pack("<d", before) == struct.pack("<d", after)
+    assert math.fsum(on_grid(v) for v in values) == after
+    for fd in fds.values():
+        os.close(fd)
+
+
+def test_off_the_grid_a_regrouped_sum_can_read_lower() -> None:
+    """Why the grid: float addition is not associative, so moving a term into the archive
+    can lower a total by one ulp (values from a soak run's process CPU seconds)."""
+    terms = [0.1, 0.2, 0.3]
+    in_order = (terms[0] + terms[1]) + terms[2]  # 0.6000000000000001
+    archived = terms[0] + (terms[1] + terms[2])  # 0.6
+    assert archived < in_order
+    grid = [on_grid(t) for t in terms]
+    assert (grid[0] + grid[1]) + grid[2] == grid[0] + (grid[1] + grid[2])

@@ -49,7 +49,7 @@ from typing import Any
 
 import psutil
 
-from . import _runtime
+from . import _mpdir, _runtime
 from .catalog import create_metric, server_specs
 
 log = logging.getLogger("victor_mp_metrics")
@@ -212,7 +212,7 @@ class ServerMetrics:
         self.exits.labels(reason).inc()
         born = self._born.pop(pid, None)
         if born is not None:
-            self.age.observe(max(0.0, time.time() - born))
+            self.age.observe(_mpdir.on_grid(max(0.0, time.time() - born)))  # exact sums
         self._procs.pop(pid, None)
         self.workers.set(len(server.WORKERS))
         return reason

@@ -21,6 +21,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <math.h>
 #include <time.h>
 
 /* Bound by instrument (bind) and wsgi (set_error_type_key) when they are imported. */
@@ -238,7 +239,10 @@ Request_end(Request *self, PyObject *unused)
     if (self->done)
         Py_RETURN_NONE;
     self->done = 1;
-    PyObject *elapsed = PyFloat_FromDouble((now() - self->started) * 1000.0);
+    /* in ms on a grid of 1/1024 ms, as instrument._ms: sums exact whatever compaction
+       regroups (_mpdir._merge.on_grid) */
+    PyObject *elapsed = PyFloat_FromDouble(floor((now() - self->started) * 1000.0 * 1024.0)
+                                           / 1024.0);
     if (elapsed == NULL)
         return NULL;
     PyObject *done = NULL;

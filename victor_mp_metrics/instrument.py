@@ -27,9 +27,17 @@ import psutil
 
 from . import _compat, _runtime
 from ._metrics import NoopMetric
+from ._mpdir import on_grid
 from .catalog import get_catalog
 
 _perf = time.perf_counter
+_PER_SECOND = 2.0**20  # durations in seconds on a grid of about 1 us (see on_grid)
+
+
+def _ms(seconds: float) -> float:
+    """A duration in ms on a grid of 1/1024 ms (about 1 us), so histogram sums stay exact
+    whatever compaction regroups (:func:`._mpdir.on_grid`); the C request does the same."""
+    return on_grid(seconds * 1000.0)
 log = logging.getLogger("victor_mp_metrics")
 
 
@@ -144,8 +152,7 @@ class LLMCall(_Tracked):
         catalog = get_catalog()
         provider, model = self._provider, self._model
         catalog.llm_requests_total.labels(provider, model).inc()
-        catalog.llm_duration_ms.labels(provider, model).observe(elapsed * 1000.0,
-                                                                _exemplar.get())
+        catalog.llm_duration_ms.labels(provider, model).observe(_ms(elapsed), _exemplar.get())
         if self._error is not None:
             catalog.llm_errors_total.labels(provider, model, self._error).inc()
 
@@ -169,7 +176,7 @@ class ToolRun(_Tracked):
         tool = self._tool
         status = "success" if self._error is None else "error"
         catalog.tool_executions_total.labels(tool, status).inc()
-        catalog.tool_duration_ms.labels(tool).observe(elapsed * 1000.0, _exemplar.get())
+        catalog.tool_duration_ms.labels(tool).observe(_ms(elapsed), _exemplar.get())
         if self._error is not None:
             catalog.tool_errors_total.labels(tool, self._error).inc()
 
@@ -205,7 +212,7 @@ class CoordinatorRun(_Tracked):
             return  # metrics disabled: skip even reading the memory
         name = self._name
         catalog.coordinator_executions_total.labels(name).inc()
-        catalog.coordinator_duration_seconds.labels(name).observe(elapsed)
+        catalog.coordinator_duration_seconds.labels(name).observe(on_grid(elapsed, _PER_SECOND))
         if self._error is not None:
             catalog.coordinator_errors_total.labels(name).inc()
         catalog.coordinator_memory_bytes.labels(name).set(_rss())
@@ -386,7 +393,7 @@ class RequestTracker:
         if self.done:
             return
         self.done = True
-        elapsed_ms = (_perf() - self.started) * 1000.0
+        elapsed_ms = _ms(_perf() - self.started)
         try:
             children = self.children
             if children is None:
@@ -412,21 +419,22 @@ def record_request(
     """Record one answered HTTP request (used by every framework integration).
 
     ``duration_ms`` None records the count only (observe the duration later with
-    :func:`observe_request_duration`). A status >= 400 is counted in
-    ``victor_request_errors_total`` with ``error_type`` if given, else by
-    :func:`error_type_for_status`; an ``error_type`` given with a success status counts
-    an error too.
+    :func:`observe_request_duration`); a duration is floored to a multiple of 1/1024 ms
+    (:func:`._mpdir.on_grid`: the histogram's sum then stays exact through compaction).
+    A status >= 400 is counted in ``victor_request_errors_total`` with ``error_type`` if
+    given, else by :func:`error_type_for_status`; an ``error_type`` given with a success
+    status counts an error too.
     """
     children = _request_metrics().count(endpoint, method, status, error_type)
     if duration_ms is not None:
-        children.observe(duration_ms, None)
+        children.observe(on_grid(duration_ms), None)
 
 
 def observe_request_duration(endpoint: str, method: str, duration_ms: float,
                              exemplar: dict[str, str] | None = None) -> None:
     """Observe a request's duration in ``victor_request_duration_ms`` (with an exemplar,
     e.g. ``{"trace_id": ...}``, when given)."""
-    _request_metrics().of(endpoint, method).observe(duration_ms, exemplar)
+    _request_metrics().of(endpoint, method).observe(on_grid(duration_ms), exemplar)
 
 
 def record_cache_hit(cache_name: str, count: int = 1) -> None:

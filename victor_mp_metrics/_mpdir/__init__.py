@@ -30,6 +30,7 @@ from ._liveness import create_owner_file, writer_alive
 from ._manifest import Manifest, read_manifest, write_manifest
 from ._masters import MASTER_LOCK, MASTER_PREFIX, claim, live_masters, remove_dead_masters
 from ._masters import held as master_running
+from ._merge import on_grid
 from ._names import COMPACT_LOCK, MANIFEST, QUARANTINE, TMP_SUFFIX, parse_name
 from ._reader import DirectoryReader, ReadReport
 from ._tombstones import add_tombstone
@@ -66,6 +67,7 @@ __all__ = [
     "live_masters",
     "master_running",
     "make_value_class",
+    "on_grid",
     "parse_name",
     "read_manifest",
     "recover",

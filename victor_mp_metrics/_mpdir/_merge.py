@@ -11,6 +11,7 @@ a process that no longer exists: they are dropped, never archived (:func:`archiv
 
 from __future__ import annotations
 
+import math
 from typing import Final, TypeVar
 
 SUM: Final = 0
@@ -57,3 +58,17 @@ def merge(
             into[key] = (value, timestamp)
     elif timestamp > current[1]:  # RECENT
         into[key] = (value, timestamp)
+
+
+def on_grid(value: float, per_unit: float = 1024.0) -> float:
+    """``value`` floored to a multiple of ``1/per_unit`` (a power of two). Float addition
+    is not associative, and compaction regroups a sum's terms (dead writers' values move
+    into the archive), so a total of arbitrary floats can read 1 ulp lower after it: a
+    counter decrease, which Prometheus takes for a reset. Sums of values on one binary
+    grid are exact in any grouping (below 2**53 grid steps), so the library's own
+    non-integral counters (CPU seconds, durations) are written on one. Non-finite values
+    are returned as they are."""
+    if value - value != 0.0:  # inf or NaN
+        return value
+    return math.floor(value * per_unit) / per_unit
+
