@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._compat import check_version  # noqa: F401 - first: refuses unsupported prometheus_client
 from ._exposition import gather, render
 from ._metrics import Counter, Gauge, GaugeMode, Histogram, NoopMetric, Summary
+from ._mpdir import on_grid
 from ._runtime import configure, get_settings, is_configured, reset
 from ._server import MetricsServer, start_metrics_server
 from .catalog import CATALOG, Catalog, MetricSpec, catalog_table_markdown, get_catalog
@@ -72,6 +73,7 @@ __all__ = [
     "is_configured",
     "load_deployment_settings",
     "load_settings",
+    "on_grid",
     "push_directory",
     "record_cache_hit",
     "record_cache_miss",
