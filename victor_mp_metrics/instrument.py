@@ -38,6 +38,8 @@ def _ms(seconds: float) -> float:
     """A duration in ms on a grid of 1/1024 ms (about 1 us), so histogram sums stay exact
     whatever compaction regroups (:func:`._mpdir.on_grid`); the C request does the same."""
     return on_grid(seconds * 1000.0)
+
+
 log = logging.getLogger("victor_mp_metrics")
 
 
@@ -306,7 +308,7 @@ class _RequestMetrics:
     def count(self, endpoint: str, method: str, status: int,
               error_type: str | None) -> _RequestChildren:
         """Count one answered request (see :func:`record_request`); its children."""
-        children = self.children.get((endpoint, method)) or self.of(endpoint, method)
+        children = self.of(endpoint, method)
         children.count()
         if status >= 400 or error_type is not None:
             self.errors.labels(endpoint, method,
