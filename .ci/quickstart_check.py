@@ -148,13 +148,15 @@ def check(work: Path, requests: int) -> str:
             pids = set(pool.map(one, range(requests)))
         expected = requests + probes
 
-        # A request is recorded as its worker closes it, a moment after the response.
+        # A request is counted as its status goes out and timed as its worker closes it,
+        # a moment after the client has the response: wait for both.
         deadline = time.monotonic() + 10
         while True:
             status, body = get(url + "/metrics", timeout=10)
             text = body.decode()
             counted = healthz_total(text, "victor_requests_total")
-            if status == 200 and counted == expected:
+            timed = healthz_total(text, "victor_request_duration_ms_count")
+            if status == 200 and counted == expected and timed == expected:
                 break
             if counted > expected or time.monotonic() > deadline:
                 raise AssertionError(
