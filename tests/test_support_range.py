@@ -142,7 +142,7 @@ def test_importing_with_an_unsupported_prometheus_client_fails_clearly(tmp_path:
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0.0, -0.0, 5.0, 10.0, 60000.0, 1e308])), max_size=20))
 def test_direct_writes_equal_prometheus_clients_own(amounts: list[float]) -> None:
-    """The request path's direct writes (_compat.adder, observe, bucket) leave the same
+    """The request path's direct writes (_compat.incrementer, observe, bucket) leave the same
     values as prometheus_client's inc() and observe() (bounds, NaN and infinities too)."""
     registry = CollectorRegistry()
     buckets = (5.0, 10.0, 25.0, 60000.0)
@@ -152,12 +152,12 @@ def test_direct_writes_equal_prometheus_clients_own(amounts: list[float]) -> Non
     ours_c = Counter("ours_c", "c", registry=registry)
     parts = _compat.histogram_parts(ours)
     assert parts is not None
-    add = _compat.adder(ours_c)
+    add = _compat.incrementer(ours_c, 1.0)
     for amount in amounts:
         stock.observe(amount)
         _compat.observe(parts, amount)
         stock_c.inc(1.0)
-        add(1.0)
+        add()
 
     def values(name: str) -> list[tuple[str, dict[str, str], float]]:
         return [(s.name.removeprefix(name), s.labels, s.value)
@@ -177,6 +177,6 @@ def test_direct_writes_fall_back_for_what_they_cannot_write() -> None:
     registry = CollectorRegistry()
     parent = Counter("p", "c", ["a"], registry=registry)
     recent = Gauge("g", "g", multiprocess_mode="mostrecent", registry=registry)
-    assert _compat.adder(parent) == parent.inc
-    assert _compat.adder(recent) == recent.inc
+    assert _compat.incrementer(parent, 1.0).func == parent.inc
+    assert _compat.incrementer(recent, 1.0).func == recent.inc
     assert _compat.histogram_parts(parent) is None

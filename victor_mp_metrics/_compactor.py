@@ -82,7 +82,8 @@ def run_compaction(directory: str) -> _mpdir.CompactionResult | None:
     if result.absorbed:
         _runtime.self_counter("compactions").inc()
         _runtime.self_counter("writers_compacted").inc(len(result.absorbed))
-        _runtime.self_counter("compaction_seconds").inc(_mpdir.on_grid(result.duration, 2.0**20))
+        seconds = _mpdir.on_grid(result.duration, _mpdir.PER_SECOND)  # exact sums
+        _runtime.self_counter("compaction_seconds").inc(seconds)
         log.info(
             "victor_mp_metrics: compacted %d dead writer(s) into archive generation %d "
             "in %.1f ms", len(result.absorbed), result.generation, result.duration * 1000,

@@ -233,12 +233,6 @@ def value_of(metric: Any) -> Any | None:
     return None
 
 
-def adder(metric: Any) -> Callable[[float], None]:
-    """``metric.inc`` without its per-call checks where :func:`value_of` allows."""
-    value = value_of(metric)
-    return metric.inc if value is None else value.inc  # type: ignore[no-any-return]
-
-
 def incrementer(metric: Any, amount: float) -> Callable[[], None]:
     """A call adding ``amount`` to ``metric`` (a counter or gauge child): its value class's
     ``add_each`` with the arguments bound when that is a C function (no Python frame at
@@ -256,8 +250,14 @@ def incrementer(metric: Any, amount: float) -> Callable[[], None]:
 def batch_adder(values: list[Any]) -> Callable[[tuple[Any, ...], tuple[float, ...]], None] | None:
     """``add(values, amounts)`` incrementing several values under one lock, when their
     value class has it (ours in multiprocess mode, ``add_each``); None otherwise."""
+    return _shared(values, "add_each")  # type: ignore[no-any-return]
+
+
+def _shared(values: Any, name: str) -> Any:
+    """The attribute ``name`` of the one value class of ``values``; None when they are of
+    several classes or it has none (one lock then covers them all)."""
     kinds = {type(value) for value in values}
-    return getattr(kinds.pop(), "add_each", None) if len(kinds) == 1 else None
+    return getattr(kinds.pop(), name, None) if len(kinds) == 1 else None
 
 
 def ending(
@@ -271,9 +271,7 @@ def ending(
         return None
     bounds, buckets, total = parts
     values = (total, *buckets, value)
-    if len({type(v) for v in values}) != 1:
-        return None
-    observe = getattr(type(value), "observe_and_add", None)
+    observe = _shared(values, "observe_and_add")
     if observe is None:
         return None
     return partial(observe, values, tuple(float(b) for b in bounds), -1.0)

@@ -212,7 +212,8 @@ class ServerMetrics:
         self.exits.labels(reason).inc()
         born = self._born.pop(pid, None)
         if born is not None:
-            self.age.observe(_mpdir.on_grid(max(0.0, time.time() - born)))  # exact sums
+            age = max(0.0, time.time() - born)
+            self.age.observe(_mpdir.on_grid(age, _mpdir.PER_SECOND))  # exact sums
         self._procs.pop(pid, None)
         self.workers.set(len(server.WORKERS))
         return reason

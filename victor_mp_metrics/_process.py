@@ -82,7 +82,8 @@ class ProcessMetrics:
             times = self._proc.cpu_times()
             memory = self._proc.memory_info()
             # on a binary grid: the deployment's sum stays exact when compaction regroups it
-            _compat.set_value(self._cpu, _mpdir.on_grid(times.user + times.system))
+            cpu = _mpdir.on_grid(times.user + times.system, _mpdir.PER_SECOND)
+            _compat.set_value(self._cpu, cpu)
             self._rss.set(memory.rss)
             self._vms.set(memory.vms)
             self._fds.set(self._proc.num_fds())

@@ -27,11 +27,10 @@ import psutil
 
 from . import _compat, _runtime
 from ._metrics import NoopMetric
-from ._mpdir import on_grid
+from ._mpdir import PER_SECOND, on_grid
 from .catalog import get_catalog
 
 _perf = time.perf_counter
-_PER_SECOND = 2.0**20  # durations in seconds on a grid of about 1 us (see on_grid)
 
 
 def _ms(seconds: float) -> float:
@@ -214,7 +213,7 @@ class CoordinatorRun(_Tracked):
             return  # metrics disabled: skip even reading the memory
         name = self._name
         catalog.coordinator_executions_total.labels(name).inc()
-        catalog.coordinator_duration_seconds.labels(name).observe(on_grid(elapsed, _PER_SECOND))
+        catalog.coordinator_duration_seconds.labels(name).observe(on_grid(elapsed, PER_SECOND))
         if self._error is not None:
             catalog.coordinator_errors_total.labels(name).inc()
         catalog.coordinator_memory_bytes.labels(name).set(_rss())

@@ -30,7 +30,7 @@ from ._liveness import create_owner_file, writer_alive
 from ._manifest import Manifest, read_manifest, write_manifest
 from ._masters import MASTER_LOCK, MASTER_PREFIX, claim, live_masters, remove_dead_masters
 from ._masters import held as master_running
-from ._merge import on_grid
+from ._merge import PER_SECOND, on_grid
 from ._names import COMPACT_LOCK, MANIFEST, QUARANTINE, TMP_SUFFIX, parse_name
 from ._reader import DirectoryReader, ReadReport
 from ._tombstones import add_tombstone
@@ -44,6 +44,7 @@ __all__ = [
     "MASTER_LOCK",
     "MASTER_PREFIX",
     "OVERFLOW",
+    "PER_SECOND",
     "QUARANTINE",
     "TMP_SUFFIX",
     "Unreadable",

@@ -60,7 +60,11 @@ def merge(
         into[key] = (value, timestamp)
 
 
-def on_grid(value: float, per_unit: float = 1024.0) -> float:
+PER_MS: Final = 1024.0  # on_grid's steps per unit: about 1 us for ms and for seconds
+PER_SECOND: Final = 2.0**20
+
+
+def on_grid(value: float, per_unit: float = PER_MS) -> float:
     """``value`` floored to a multiple of ``1/per_unit`` (a power of two). Float addition
     is not associative, and compaction regroups a sum's terms (dead writers' values move
     into the archive), so a total of arbitrary floats can read 1 ulp lower after it: a
@@ -71,4 +75,3 @@ def on_grid(value: float, per_unit: float = 1024.0) -> float:
     if value - value != 0.0:  # inf or NaN
         return value
     return math.floor(value * per_unit) / per_unit
-
